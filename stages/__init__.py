@@ -1,0 +1,1 @@
+"""mergesweep: rebuild, sweep and audit a linear merge of two fine-tunes."""
