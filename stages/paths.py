@@ -1,8 +1,8 @@
 """Where the repository root, the sweep cache and the MLflow store live.
 
-Under `dvc exp run --temp` or a queued experiment, DVC runs the pipeline in a copy of the
-workspace below `<root>/.dvc/tmp/exps/`; the cache and the MLflow store must stay those of
-`<root>`, so every lookup goes through `repo_root()`.
+Under `dvc exp run --temp` or a queued experiment, DVC runs the pipeline in a copy of
+the workspace below `<root>/.dvc/tmp/exps/`; the cache and the MLflow store must stay
+those of `<root>`, so every lookup goes through `repo_root()`.
 """
 
 from pathlib import Path
