@@ -21,7 +21,7 @@ _INVALID = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
 def metric_name(name: str) -> str:
-    """Map lm-eval's `exact_match,none` to `exact_match__none`: MLflow rejects commas."""
+    """`exact_match,none` (lm-eval) becomes `exact_match__none`: no commas in MLflow."""
     return _INVALID.sub("_", name.replace(",", "__"))
 
 
