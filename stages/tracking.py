@@ -95,6 +95,7 @@ def parent_run(
     import mlflow
 
     exp_id = experiment(experiment_name)
+    mlflow.set_experiment(experiment_id=exp_id)
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
         yield run.info.run_id
 
@@ -109,7 +110,9 @@ def log_point(
     """One child run per sweep weight: its params, metrics and files."""
     import mlflow
 
+    parent = mlflow.get_run(parent_id)
     with mlflow.start_run(
+        experiment_id=parent.info.experiment_id,
         run_name=f"w={point['weight']:.2f}",
         nested=True,
         parent_run_id=parent_id,
