@@ -1,0 +1,161 @@
+"""`dvc repro` end to end, in a temporary copy of the repository (minutes)."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT = 40  # problems per point: enough for real numbers, small enough for CI
+
+pytestmark = pytest.mark.slow
+
+
+def copy_repo(dest: Path) -> Path:
+    """The committed and untracked-but-not-ignored files, as a fresh git repository."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel.decode()
+        if src.is_file() and rel.decode() != "dvc.lock":
+            target = dest / rel.decode()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
+    return dest
+
+
+def edit_params(repo: Path, **changes: object) -> None:
+    path = repo / "params.yaml"
+    raw = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        *parents, last = dotted.split("__")
+        node = raw
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def repro(repo: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    done = subprocess.run(
+        ["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def ran(log: str) -> set[str]:
+    return {
+        line.split("'")[1] for line in log.splitlines() if "Running stage '" in line
+    }
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = copy_repo(tmp_path_factory.mktemp("pipeline"))
+    edit_params(repo, task__limit=LIMIT)
+    log = repro(repo)
+    assert ran(log) == {"fetch@len", "fetch@acc", "sweep", "report", "release", "audit"}
+    return repo
+
+
+def mlflow_runs(repo: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["mergesweep"])
+
+
+def test_outputs_present_and_sane(repo):
+    for name in ("len", "acc"):
+        prov = json.loads(
+            (repo / f"data/constituents/{name}/provenance.json").read_text()
+        )
+        assert prov["resolved_revision"].startswith("local:")
+        assert any(f.endswith(".safetensors") for f in prov["files"])
+
+    rows = list(csv.DictReader(open(repo / "reports/sweep/points.csv")))
+    assert [float(r["weight"]) for r in rows] == [i / 10 for i in range(11)]
+    acc0, acc1 = float(rows[0]["accuracy"]), float(rows[-1]["accuracy"])
+    tok0, tok1 = float(rows[0]["mean_tokens"]), float(rows[-1]["mean_tokens"])
+    # w = 0 is `acc` alone, w = 1 is `len` alone: the trade-off the sweep exists for.
+    assert acc0 > acc1 and tok0 > tok1
+    for r in rows:
+        assert 0 <= float(r["accuracy"]) <= 1 and 0 <= float(r["format_rate"]) <= 1
+        assert float(r["median_tokens"]) <= float(r["p90_tokens"])
+
+    samples = sorted(p.name for p in (repo / "reports/sweep/samples").iterdir())
+    assert len(samples) == 11 and "w0.30.jsonl" in samples
+    lines = (repo / "reports/sweep/samples/w0.30.jsonl").read_text().splitlines()
+    assert len(lines) == LIMIT
+    assert {"prompt", "response", "tokens", "extracted", "correct"} <= set(
+        json.loads(lines[0])
+    )
+
+    pngs = sorted(p.name for p in (repo / "reports/sweep/plots").glob("*.png"))
+    assert len(pngs) == 3
+    assert "| 0.30" in (repo / "reports/sweep.md").read_text()
+    metrics = json.loads((repo / "reports/sweep/metrics.json").read_text())
+    assert metrics["release"]["weight"] == 0.3
+
+    release = (
+        repo
+        / "models"
+        / yaml.safe_load((repo / "params.yaml").read_text())["release"]["name"]
+    )
+    prov = json.loads((release / "provenance.json").read_text())
+    assert prov["weights"] == {"len": 0.3, "acc": 0.7}
+    audit = json.loads((repo / "reports/audit.json").read_text())
+    assert audit["ok"] is True
+
+
+def test_mlflow_has_a_child_run_per_weight_and_the_release(repo):
+    from mlflow import MlflowClient
+
+    runs = mlflow_runs(repo)
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    assert len(children) == 11
+    assert sorted(children["params.weight"].astype(float)) == [
+        i / 10 for i in range(11)
+    ]
+    name = yaml.safe_load((repo / "params.yaml").read_text())["release"]["name"]
+    version = MlflowClient().get_model_version_by_alias(name, "released")
+    assert version.source.endswith(f"/models/{name}")
+    assert version.tags.get("audit.ok") == "true"
+
+
+def test_second_repro_runs_no_stage(repo):
+    assert ran(repro(repo)) == set()
+
+
+def test_eval_change_reruns_sweep_not_fetch(repo):
+    edit_params(repo, eval__max_gen_toks=150)
+    stages = ran(repro(repo))
+    assert "sweep" in stages
+    assert not stages & {"fetch@len", "fetch@acc"}
+
+
+def test_added_weight_evaluates_one_point(repo):
+    weights = [i / 10 for i in range(11)] + [0.35]
+    edit_params(repo, sweep__weights=weights)
+    stages = ran(repro(repo))
+    assert "sweep" in stages
+    results = json.loads((repo / "reports/sweep/results.json").read_text())
+    assert len(results) == 12
+    assert [p["weight"] for p in results if not p["cached"]] == [0.35]
