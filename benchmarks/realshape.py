@@ -1,8 +1,7 @@
 """Two random bf16 checkpoints with DeepSeek-R1-Distill-Qwen-1.5B's names and shapes.
 
-`python -m benchmarks.realshape [ROOT]` (from the repository root) makes `ROOT/len` and `ROOT/acc` (about 3.5 GB
-each) unless they exist. Most elements of the two differ by a few bf16 ulps, as two RL
-fine-tunes of one base at lr 5e-7 do.
+`python -m benchmarks.realshape [ROOT]`, from the repository root, makes `ROOT/len` and
+`ROOT/acc` (3.5 GB each) unless they exist; most elements differ by a few bf16 ulps.
 """
 
 import json
@@ -82,11 +81,13 @@ def _perturbed_pair(name: str, n: int, gen: torch.Generator) -> list[torch.Tenso
         base = 1.0 + 0.05 * torch.randn(n, generator=gen)
     else:
         base = 0.02 * torch.randn(n, generator=gen)
+    # Perturb the magnitude bits, so no value crosses zero or leaves the finite range.
     bits = base.to(torch.bfloat16).view(torch.int16)
+    sign, mag = bits & -0x8000, bits & 0x7FFF
     pair = []
     for _ in range(2):
         delta = torch.randint(-ULPS, ULPS + 1, (n,), generator=gen, dtype=torch.int16)
-        pair.append((bits + delta).view(torch.bfloat16))
+        pair.append(((mag + delta).clamp_(0, 0x7F7F) | sign).view(torch.bfloat16))
     return pair
 
 
