@@ -1,0 +1,638 @@
+"""Stage sweep: merge `len` and `acc` in memory at each sweep weight, evaluate the point
+with lm-eval (stages/tasks); write results.json and samples/w<weight>.jsonl.
+Reads params sections task, eval, sweep and merge; known points come from a cache.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lm_eval import evaluator
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+from tqdm import tqdm
+from transformers import AutoConfig, AutoTokenizer, Qwen2ForCausalLM
+
+from stages import paths
+from stages.checkpoint import Checkpoint, dtype_from_name
+from stages.grading import grade
+from stages.hashing import manifest, sha256_file, write_json
+from stages.merging import linear_merge
+from stages.params import Params, load_params
+
+log = logging.getLogger(__name__)
+
+STAGES = Path(__file__).resolve().parent
+TASKS_DIR = STAGES / "tasks"
+TASK = "mergesweep_math"
+CODE_FILES = ("sweep.py", "grading.py", "merging.py", "checkpoint.py")
+PACKAGES = ("torch", "transformers", "tokenizers", "lm_eval", "math-verify")
+POINT_FORMAT = "mergesweep-point/1"
+METRICS = ("accuracy", "mean_tokens", "median_tokens", "p90_tokens", "format_rate")
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot run on these inputs; the message says which and why."""
+
+
+def weight_label(w: float) -> str:
+    """`0.30`: the label of a point in file names, as the report stage reads them."""
+    return f"{w:.2f}"
+
+
+def check_labels(weights: tuple[float, ...]) -> None:
+    seen: dict[str, float] = {}
+    for w in weights:
+        if (label := weight_label(w)) in seen:
+            raise SweepError(
+                f"sweep.weights {seen[label]!r} and {w!r} share the file label "
+                f"w{label}; use weights that differ in the first two decimals"
+            )
+        seen[label] = w
+
+
+# --- the cache key --------------------------------------------------------------------
+
+
+def constituent_files(root: Path) -> dict[str, dict]:
+    """The folder's file manifest: provenance.json's when it matches the folder's
+    files and sizes (fetch wrote it), else hashed here."""
+    prov = root / "provenance.json"
+    on_disk = {
+        p.relative_to(root).as_posix(): p.stat().st_size
+        for p in root.rglob("*")
+        if p.is_file() and p.name != "provenance.json"
+    }
+    if prov.exists():
+        files = json.loads(prov.read_text()).get("files", {})
+        if {k: v.get("size") for k, v in files.items()} == on_disk:
+            return files
+        log.warning("%s does not match the folder's files; hashing them", prov)
+    return manifest(root, exclude=("provenance.json",))
+
+
+def code_version() -> str:
+    """sha256 over the source of everything that shapes a point's numbers."""
+    h = hashlib.sha256()
+    files = [STAGES / f for f in CODE_FILES] + sorted(
+        p for p in TASKS_DIR.iterdir() if p.suffix in (".py", ".yaml")
+    )
+    for f in files:
+        h.update(f"{f.relative_to(STAGES).as_posix()}\0".encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def sweep_inputs(params: Params, len_dir: Path, acc_dir: Path) -> dict[str, Any]:
+    """Everything but the weight that decides a point's result."""
+    return {
+        "constituents": {
+            "len": constituent_files(len_dir),
+            "acc": constituent_files(acc_dir),
+        },
+        "datasets": {
+            name: sha256_file(Path(path))
+            for name, path in sorted(params.task.datasets.items())
+        },
+        "task": {
+            "limit": params.task.limit,
+            "system_prompt": params.task.system_prompt,
+        },
+        "eval": asdict(params.eval),
+        "merge": asdict(params.merge),
+        "code": code_version(),
+        "packages": {p: version(p) for p in PACKAGES},
+    }
+
+
+def point_key(inputs: dict[str, Any], weight: float) -> str:
+    canon = json.dumps({**inputs, "weight": weight}, sort_keys=True, default=list)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def read_cached(path: Path) -> dict | None:
+    """A cached point, or None when absent or unreadable (it is then re-evaluated)."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        log.warning("ignoring unreadable cache entry %s (%s)", path, e)
+        return None
+    if record.get("format") != POINT_FORMAT or record.get("key") != path.stem:
+        log.warning("ignoring cache entry %s: not a %s record", path, POINT_FORMAT)
+        return None
+    return record
+
+
+def write_cached(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, sort_keys=True)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+# --- generation records ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One response as generated ids: `tokens` counts up to and including EOS."""
+
+    ids: tuple[int, ...]
+    tokens: int
+    truncated: bool
+
+
+def count_generated(
+    row: list[int], eos_ids: frozenset[int], pad_id: int | None, max_new: int
+) -> Generation:
+    """Cut a generated row (prompt removed) at its first EOS.
+
+    Without EOS, trailing pads are what generate() fills in after a stop string ended
+    the row early; such a row is truncated only if it used all `max_new` tokens.
+    """
+    for i, t in enumerate(row):
+        if t in eos_ids:
+            return Generation(tuple(row[: i + 1]), i + 1, truncated=False)
+    n = len(row)
+    while n and pad_id is not None and row[n - 1] == pad_id:
+        n -= 1
+    return Generation(tuple(row[:n]), n, truncated=n >= max_new)
+
+
+class RecordingHFLM(HFLM):
+    """HFLM that keeps every generated row's ids, per prompt, and checks the prompts:
+    exactly one BOS, and room for max_gen_toks without truncating the prompt."""
+
+    def __init__(self, *args: Any, eos_ids: frozenset[int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.eos_ids = eos_ids
+        self.records: dict[str, list[Generation]] = defaultdict(list)
+        self.generate_s = 0.0
+        self.generate_total_s = 0.0
+        self._contexts: list[str] = []
+
+    def tok_batch_encode(
+        self,
+        strings: list[str],
+        padding_side: str = "left",
+        left_truncate_len: int | None = None,
+        truncation: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = super().tok_batch_encode(
+            strings, padding_side=padding_side, truncation=truncation
+        )
+        if left_truncate_len and ids.shape[1] > left_truncate_len:
+            raise SweepError(
+                f"a prompt of {ids.shape[1]} tokens leaves no room for max_gen_toks "
+                f"in max_length {self.max_length}; shorten the prompt or lower "
+                "eval.max_gen_toks"
+            )
+        bos = self.tokenizer.bos_token_id
+        if bos is not None:
+            counts = ((ids == bos) & mask.bool()).sum(dim=1).tolist()
+            for s, n in zip(strings, counts, strict=True):
+                if n != 1:
+                    raise SweepError(
+                        f"prompt carries {n} BOS tokens, not 1: {s[:80]!r}"
+                    )
+        self._contexts = list(strings)
+        return ids, mask
+
+    def _model_generate(
+        self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        start = time.perf_counter()
+        out = super()._model_generate(context, max_length, stop, **kwargs)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
+        elapsed = time.perf_counter() - start
+        self.generate_s += elapsed
+        self.generate_total_s += elapsed
+        width, max_new = context.shape[1], max_length - context.shape[1]
+        rows = out[:, width:].tolist()
+        for s, row in zip(self._contexts, rows, strict=True):
+            gen = count_generated(
+                row, self.eos_ids, self.tokenizer.pad_token_id, max_new
+            )
+            self.records[s].append(gen)
+        return out
+
+    def take(self, context: str) -> Generation:
+        """The oldest unclaimed record of `context`: lm-eval keeps request order."""
+        if not self.records.get(context):
+            raise SweepError(f"no generation recorded for prompt {context[:80]!r}")
+        return self.records[context].pop(0)
+
+
+# --- the model, merged in place -------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_state(root: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint on `device` (CPU: file-backed views)."""
+    ckpt = Checkpoint(root)
+    return {name: ckpt.tensor(name).to(device) for name in sorted(ckpt.tensors)}
+
+
+def check_pair(len_state: dict, acc_state: dict) -> None:
+    if set(len_state) != set(acc_state):
+        only = sorted(set(len_state) ^ set(acc_state))
+        raise SweepError(f"constituents differ in tensors: {', '.join(only[:5])}")
+    for name, t in len_state.items():
+        if t.shape != acc_state[name].shape:
+            raise SweepError(
+                f"tensor {name}: len has shape {list(t.shape)}, "
+                f"acc has {list(acc_state[name].shape)}"
+            )
+
+
+def merge_dtype(params: Params, len_state: dict[str, torch.Tensor]) -> torch.dtype:
+    """params merge.dtype, else the constituents' dtype (linear_merge's default)."""
+    if params.merge.dtype is not None:
+        return dtype_from_name(params.merge.dtype)
+    dtypes = {t.dtype for t in len_state.values()}
+    if len(dtypes) != 1:
+        raise SweepError(
+            f"len mixes dtypes {sorted(map(str, dtypes))}; set merge.dtype in params"
+        )
+    return dtypes.pop()
+
+
+def build_model(
+    donor: Path, dtype: torch.dtype, device: torch.device
+) -> Qwen2ForCausalLM:
+    config = AutoConfig.from_pretrained(donor, trust_remote_code=False)
+    if config.model_type != "qwen2":
+        raise SweepError(
+            f"{donor}/config.json: model_type must be qwen2, got {config.model_type!r}"
+        )
+    model = Qwen2ForCausalLM.from_pretrained(
+        donor, dtype=dtype, use_safetensors=True, trust_remote_code=False
+    )
+    return model.to(device).eval().requires_grad_(False)
+
+
+def merge_targets(
+    model: torch.nn.Module, names: list[str], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The model tensor each checkpoint tensor is written to, checked to cover them all.
+
+    Tied weights share storage, so a model's parameters() can hide a checkpoint name;
+    going by the checkpoint's names and then checking storage covers both cases.
+    """
+    state = model.state_dict()
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise SweepError(f"the model has no tensor {missing[0]} of the checkpoint")
+    targets = {n: state[n] for n in names}
+    for n, t in targets.items():
+        if t.dtype != dtype:
+            raise SweepError(f"model tensor {n} is {t.dtype}, the merge gives {dtype}")
+    written = {t.untyped_storage().data_ptr() for t in targets.values()}
+    unwritten = [
+        n for n, t in state.items() if t.untyped_storage().data_ptr() not in written
+    ]
+    if unwritten:
+        raise SweepError(
+            f"model tensors {', '.join(unwritten[:5])} are in no constituent checkpoint"
+        )
+    return targets
+
+
+@torch.no_grad()
+def merge_into(
+    targets: dict[str, torch.Tensor],
+    len_state: dict[str, torch.Tensor],
+    acc_state: dict[str, torch.Tensor],
+    w: float,
+    *,
+    normalize: bool,
+    dtype: torch.dtype,
+) -> None:
+    """Overwrite the model's weights with the linear merge at `w` (share of len)."""
+    for name, dst in targets.items():
+        merged = linear_merge(
+            [len_state[name], acc_state[name]],
+            [w, 1 - w],
+            normalize=normalize,
+            out_dtype=dtype,
+        )
+        dst.copy_(merged)
+
+
+# --- one point ------------------------------------------------------------------------
+
+
+def gen_kwargs(params: Params) -> dict[str, Any]:
+    """Generation settings for the task, every one from params (none of lm-eval's)."""
+    e = params.eval
+    out: dict[str, Any] = {
+        "until": list(e.until),
+        "max_gen_toks": e.max_gen_toks,
+        "do_sample": e.do_sample,
+    }
+    if e.do_sample:
+        out |= {"temperature": e.temperature, "top_p": e.top_p}
+    return out
+
+
+def load_tasks(params: Params) -> dict[str, Any]:
+    """One lm-eval task per dataset, keyed by the params' dataset name."""
+    tasks = {}
+    for name, path in params.task.datasets.items():
+        manager = TaskManager(
+            include_path=str(TASKS_DIR),
+            include_defaults=False,
+            metadata={"data_file": str(Path(path).resolve()), "dataset": name},
+        )
+        task = manager.load([TASK])["tasks"][TASK]
+        task.set_config("generation_kwargs", gen_kwargs(params))
+        tasks[name] = task
+    return tasks
+
+
+def summarize(samples: list[dict]) -> dict[str, Any]:
+    tokens = [s["tokens"] for s in samples]
+    return {
+        "accuracy": statistics.fmean(s["correct"] for s in samples),
+        "mean_tokens": statistics.fmean(tokens),
+        "median_tokens": float(statistics.median(tokens)),
+        "p90_tokens": float(np.percentile(tokens, 90)),
+        "format_rate": statistics.fmean(s["formatted"] for s in samples),
+        "truncation_rate": statistics.fmean(s["truncated"] for s in samples),
+        "n": len(samples),
+    }
+
+
+def lm_eval_metrics(result: dict) -> dict[str, float]:
+    """lm-eval's numeric metrics of one task, under lm-eval's own names."""
+    return {
+        k: float(v)
+        for k, v in result.items()
+        if "," in k and isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def pooled(per_dataset: dict[str, dict], key: str = "lm_eval") -> dict[str, float]:
+    """lm-eval's metrics over all datasets: means weighted by each dataset's n."""
+    total = sum(d["n"] for d in per_dataset.values())
+    names = set.intersection(*(set(d[key]) for d in per_dataset.values()))
+    return {
+        m: sum(d[key][m] * d["n"] for d in per_dataset.values()) / total
+        for m in sorted(names)
+    }
+
+
+class PointEvaluator:
+    """Holds the constituents, one model and lm-eval's tasks; evaluates weights."""
+
+    def __init__(self, params: Params, len_dir: Path, acc_dir: Path) -> None:
+        start = time.perf_counter()
+        self.params = params
+        self.device = resolve_device(params.merge.device)
+        self.len_state = load_state(len_dir, self.device)
+        self.acc_state = load_state(acc_dir, self.device)
+        check_pair(self.len_state, self.acc_state)
+        self.dtype = merge_dtype(params, self.len_state)
+        # acc donates config, tokenizer and generation_config, as in the release.
+        self.model = build_model(acc_dir, self.dtype, self.device)
+        self.targets = merge_targets(self.model, sorted(self.len_state), self.dtype)
+        tokenizer = AutoTokenizer.from_pretrained(acc_dir, trust_remote_code=False)
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = {tokenizer.eos_token_id} | set(
+            eos if isinstance(eos, list) else [eos]
+        )
+        self.lm = RecordingHFLM(
+            pretrained=self.model,
+            tokenizer=tokenizer,
+            batch_size=params.eval.batch_size,
+            max_length=self.model.config.max_position_embeddings,
+            eos_ids=frozenset(i for i in eos_ids if i is not None),
+        )
+        self.tasks = load_tasks(params)
+        self.load_s = time.perf_counter() - start
+        self.n_params = sum(t.numel() for t in self.len_state.values())
+
+    def seed(self) -> None:
+        s = self.params.eval.seed
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+
+    def evaluate(self, w: float) -> tuple[dict, list[dict]]:
+        """The point at weight `w` and its samples; timing excludes the shared load."""
+        start = time.perf_counter()
+        merge_into(
+            self.targets,
+            self.len_state,
+            self.acc_state,
+            w,
+            normalize=self.params.merge.normalize,
+            dtype=self.dtype,
+        )
+        merged = time.perf_counter()
+        self.seed()
+        self.lm.generate_s = 0.0
+        with torch.inference_mode():
+            results = evaluator.evaluate(
+                lm=self.lm,
+                task_dict={"tasks": self.tasks},
+                limit=self.params.task.limit,
+                bootstrap_iters=0,
+                log_samples=True,
+                system_instruction=self.params.task.system_prompt,
+                apply_chat_template=True,
+                fewshot_as_multiturn=False,
+            )
+        evaluated = time.perf_counter()
+        samples = self.collect_samples(results["samples"])
+        point = self.point(w, results["results"], samples)
+        end = time.perf_counter()
+        point["timing"] = {
+            "load_s": 0.0,
+            "merge_s": merged - start,
+            "generate_s": self.lm.generate_s,
+            "grade_s": (evaluated - merged - self.lm.generate_s) + (end - evaluated),
+            "total_s": end - start,
+        }
+        return point, samples
+
+    def collect_samples(self, logged: dict[str, list[dict]]) -> list[dict]:
+        out = []
+        for name in self.tasks:
+            for s in sorted(logged[name], key=lambda s: s["doc_id"]):
+                prompt = s["arguments"][0][0]
+                gen = self.lm.take(prompt)
+                response = s["resps"][0][0]
+                verdict = grade(response, s["doc"]["answer"])
+                if float(verdict.correct) != s["exact_match"]:
+                    raise SweepError(
+                        f"{name} doc {s['doc_id']}: lm-eval's exact_match "
+                        f"{s['exact_match']} disagrees with stages.grading"
+                    )
+                out.append(
+                    {
+                        "dataset": name,
+                        "doc_id": s["doc_id"],
+                        "question": s["doc"]["question"],
+                        "prompt": prompt,
+                        "response": response,
+                        "tokens": gen.tokens,
+                        "truncated": gen.truncated,
+                        "extracted": verdict.extracted,
+                        "gold": s["doc"]["answer"],
+                        "correct": verdict.correct,
+                        "formatted": verdict.formatted,
+                    }
+                )
+        leftover = sum(len(v) for v in self.lm.records.values())
+        if leftover:
+            raise SweepError(f"{leftover} generations were not matched to a sample")
+        return out
+
+    def point(self, w: float, results: dict, samples: list[dict]) -> dict:
+        per_dataset = {}
+        for name in self.tasks:
+            rows = [s for s in samples if s["dataset"] == name]
+            per_dataset[name] = summarize(rows) | {
+                "lm_eval": lm_eval_metrics(results[name])
+            }
+        return {
+            "weight": w,
+            **summarize(samples),
+            "lm_eval": pooled(per_dataset),
+            "datasets": per_dataset,
+        }
+
+
+# --- the stage ------------------------------------------------------------------------
+
+
+def run_sweep(
+    params: Params, len_dir: Path, acc_dir: Path, cache: Path
+) -> tuple[list[dict], dict[float, list[dict]]]:
+    """Every sweep point, sorted by weight, with its samples; new points evaluated."""
+    check_labels(params.sweep.weights)
+    inputs = sweep_inputs(params, len_dir, acc_dir)
+    keys = {w: point_key(inputs, w) for w in params.sweep.weights}
+    records = {w: read_cached(cache / f"{k}.json") for w, k in keys.items()}
+    todo = [w for w, r in records.items() if r is None]
+    log.info(
+        "%d points: %d cached, %d to evaluate",
+        len(keys),
+        len(keys) - len(todo),
+        len(todo),
+    )
+    ev = PointEvaluator(params, len_dir, acc_dir) if todo else None
+    for w in tqdm(todo, desc="sweep points", unit="point"):
+        point, samples = ev.evaluate(w)
+        point["timing"]["load_s"] = ev.load_s / len(todo)
+        point["timing"]["total_s"] += point["timing"]["load_s"]
+        records[w] = {
+            "format": POINT_FORMAT,
+            "key": keys[w],
+            "inputs": inputs,
+            "point": point,
+            "samples": samples,
+        }
+        write_cached(cache / f"{keys[w]}.json", records[w])
+    points = [records[w]["point"] | {"cached": w not in todo} for w in sorted(records)]
+    if ev is not None:
+        log_summary(params, ev, len(todo))
+    return points, {w: records[w]["samples"] for w in records}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def log_summary(params: Params, ev: PointEvaluator, evaluated: int) -> None:
+    log.info(
+        "seed %d, dtype %s, device %s; %.2fM parameters, %s problems, %d points "
+        "evaluated, load %.1fs, generation %.1fs; peak memory %.0f MiB",
+        params.eval.seed,
+        str(ev.dtype).removeprefix("torch."),
+        ev.device,
+        ev.n_params / 1e6,
+        {n: len(t.eval_docs) for n, t in ev.tasks.items()},
+        evaluated,
+        ev.load_s,
+        ev.lm.generate_total_s,
+        peak_memory_mb(ev.device),
+    )
+
+
+def write_outputs(out: Path, points: list[dict], samples: dict[float, list]) -> None:
+    """samples/ replaced whole, then results.json: no half-written output looks done."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".samples.tmp-"))
+    tmp.chmod(0o755)
+    for w, rows in samples.items():
+        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        (tmp / f"w{weight_label(w)}.jsonl").write_text(lines)
+    final = out / "samples"
+    if final.exists():
+        old = Path(tempfile.mkdtemp(dir=out, prefix=".samples.old-"))
+        final.rename(old / "samples")
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    write_json(out / "results.json", points)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.sweep", description=__doc__)
+    parser.add_argument("--len", type=Path, required=True, dest="len_dir")
+    parser.add_argument("--acc", type=Path, required=True, dest="acc_dir")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+
+    start = time.perf_counter()
+    params = load_params(args.params)
+    cache = paths.cache_dir() / "points"
+    points, samples = run_sweep(params, args.len_dir, args.acc_dir, cache)
+    write_outputs(args.out, points, samples)
+    log.info(
+        "wrote %s: %d points in %.1fs (cache %s)",
+        args.out / "results.json",
+        len(points),
+        time.perf_counter() - start,
+        cache,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""lm-eval hooks of the mergesweep_math task: read a {"question", "answer"} jsonl,
+prompt with the question as the user turn, grade with stages.grading.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from stages.grading import GradingError, grade, parse_gold
+
+
+class EvalDataError(ValueError):
+    """An eval jsonl the task cannot use."""
+
+
+def read_jsonl(path: Path) -> list[dict[str, str]]:
+    """The problems of an eval file; each line needs string `question` and `answer`."""
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalDataError(f"{path}:{n}: not JSON ({e.msg})") from None
+        for key in ("question", "answer"):
+            if not isinstance(row, dict) or not isinstance(row.get(key), str):
+                raise EvalDataError(f"{path}:{n}: needs a string {key!r}, got {row!r}")
+        try:
+            parse_gold(row["answer"])
+        except GradingError as e:
+            raise EvalDataError(f"{path}:{n}: {e}") from None
+        rows.append({"question": row["question"], "answer": row["answer"]})
+    if not rows:
+        raise EvalDataError(f"{path}: no problems")
+    return rows
+
+
+def load_docs(data_file: str | None = None, **_: Any) -> datasets.DatasetDict:
+    """custom_dataset: lm-eval passes the TaskManager's metadata as keywords."""
+    if data_file is None:
+        raise EvalDataError(
+            "mergesweep_math needs TaskManager(metadata={'data_file': <jsonl path>})"
+        )
+    rows = read_jsonl(Path(data_file))
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def doc_to_text(doc: dict[str, str]) -> str:
+    return doc["question"]
+
+
+def process_results(doc: dict[str, str], results: list[str]) -> dict[str, float]:
+    verdict = grade(results[0], doc["answer"])
+    return {
+        "exact_match": float(verdict.correct),
+        "formatted": float(verdict.formatted),
+    }
