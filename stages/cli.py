@@ -5,9 +5,9 @@ import importlib
 import logging
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from stages import paths, tracking
 from stages.fetch import LOCK, hub_source, local_manifest, local_revision
@@ -60,18 +60,18 @@ def apply_recipe(name: str, root: Path, params_path: Path) -> Path:
     return recipe
 
 
-def serve_ui(host: str, port: int) -> int:
+def serve_ui(host: str, port: int, workers: int) -> NoReturn:
     """Serve the MLflow UI for this project's store, on loopback by default."""
     uri = tracking.tracking_uri()
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
-    cmd += ["--host", host, "--port", str(port)]
+    cmd += ["--host", host, "--port", str(port), "--workers", str(workers)]
     if "MLFLOW_TRACKING_URI" not in os.environ:
         cmd += ["--default-artifact-root", paths.mlflow_artifacts().as_uri()]
+    # The UI needs no background job runner (it serves GenAI features and forks a
+    # dozen consumers); without it a local UI starts in seconds.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     log.info("MLflow UI for %s at http://%s:%d (Ctrl-C stops it)", uri, host, port)
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+    os.execv(sys.executable, cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="serve the MLflow UI for this project's store")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--workers", type=int, default=1)
     lk = sub.add_parser("lock", help="pin each constituent's revision for DVC")
     lk.add_argument("--params", type=Path, default=Path("params.yaml"))
     lk.add_argument("--lock", type=Path, default=LOCK)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "ui":
-            return serve_ui(args.host, args.port)
+            return serve_ui(args.host, args.port, args.workers)
         if args.command == "lock":
             lock(args.params, args.lock)
             return 0
