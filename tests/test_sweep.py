@@ -1,0 +1,316 @@
+"""The sweep on tiny random constituents: in-place merge, lm-eval, counts, cache."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from _sweep_fixtures import build_constituent, build_tokenizer, params_dict, write_eval
+
+from stages import sweep
+from stages.checkpoint import Checkpoint
+from stages.merging import linear_merge
+from stages.params import parse_params
+from stages.tasks.mergesweep_math import EvalDataError, read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_GEN = 12
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sweep")
+    return {
+        # len ends every response at once; acc never ends one.
+        "len": build_constituent(root / "len", seed=1, eos_push=20.0, dtype=BF16),
+        "acc": build_constituent(root / "acc", seed=2, eos_push=-20.0, dtype=BF16),
+        "tied_len": build_constituent(root / "tied_len", seed=3, eos_push=0, tie=True),
+        "tied_acc": build_constituent(root / "tied_acc", seed=4, eos_push=0, tie=True),
+        "eval": write_eval(root / "eval.jsonl"),
+        "root": root,
+    }
+
+
+def make_params(world: dict[str, Path], weights: list[float], **eval_overrides):
+    raw = params_dict({"toy": str(world["eval"])}, max_gen_toks=MAX_GEN)
+    raw["eval"] |= eval_overrides
+    raw["sweep"]["weights"] = weights
+    return parse_params(raw)
+
+
+@pytest.fixture(scope="module")
+def evaluator(world: dict[str, Path]) -> sweep.PointEvaluator:
+    return sweep.PointEvaluator(make_params(world, [0.0]), world["len"], world["acc"])
+
+
+# --- counting generated ids -----------------------------------------------------------
+
+
+def test_count_stops_at_first_eos_and_includes_it() -> None:
+    gen = sweep.count_generated([5, 6, 9, 7, 9], frozenset({9}), pad_id=0, max_new=5)
+    assert (gen.ids, gen.tokens, gen.truncated) == ((5, 6, 9), 3, False)
+
+
+def test_count_without_eos_at_the_limit_is_truncated() -> None:
+    gen = sweep.count_generated([5, 6, 7], frozenset({9}), pad_id=0, max_new=3)
+    assert (gen.tokens, gen.truncated) == (3, True)
+
+
+def test_count_drops_the_padding_after_a_stop_string() -> None:
+    gen = sweep.count_generated([5, 6, 0, 0], frozenset({9}), pad_id=0, max_new=4)
+    assert (gen.ids, gen.tokens, gen.truncated) == ((5, 6), 2, False)
+
+
+# --- the in-memory merge --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("w", [0.0, 0.3, 1.0])
+def test_in_memory_model_is_linear_merge_bit_for_bit(
+    evaluator: sweep.PointEvaluator, world: dict[str, Path], w: float
+) -> None:
+    ev = evaluator
+    sweep.merge_into(
+        ev.targets, ev.len_state, ev.acc_state, w, normalize=True, dtype=ev.dtype
+    )
+    state = ev.model.state_dict()
+    a, b = Checkpoint(world["len"]), Checkpoint(world["acc"])
+    assert set(a.tensors) <= set(state)
+    for name in a.tensors:
+        want = linear_merge([a.tensor(name), b.tensor(name)], [w, 1 - w])
+        assert torch.equal(state[name], want), name
+    assert state["lm_head.weight"].dtype == torch.bfloat16
+    if w == 0.0:
+        assert torch.equal(state["lm_head.weight"], b.tensor("lm_head.weight"))
+    if w == 1.0:
+        assert torch.equal(state["lm_head.weight"], a.tensor("lm_head.weight"))
+    if w == 0.3:
+        assert not torch.equal(state["lm_head.weight"], a.tensor("lm_head.weight"))
+        assert not torch.equal(state["lm_head.weight"], b.tensor("lm_head.weight"))
+
+
+def test_tied_embeddings_are_merged_through_the_checkpoint_names(
+    world: dict[str, Path],
+) -> None:
+    params = make_params(world, [0.3])
+    ev = sweep.PointEvaluator(params, world["tied_len"], world["tied_acc"])
+    assert "lm_head.weight" not in ev.len_state
+    sweep.merge_into(
+        ev.targets, ev.len_state, ev.acc_state, 0.3, normalize=True, dtype=ev.dtype
+    )
+    want = linear_merge(
+        [
+            ev.len_state["model.embed_tokens.weight"],
+            ev.acc_state["model.embed_tokens.weight"],
+        ],
+        [0.3, 0.7],
+    )
+    assert torch.equal(ev.model.lm_head.weight, want)
+    assert torch.equal(ev.model.model.embed_tokens.weight, want)
+
+
+def test_release_equals_the_in_memory_merge(
+    evaluator: sweep.PointEvaluator, world: dict[str, Path], tmp_path: Path
+) -> None:
+    release = pytest.importorskip("stages.release")
+    if not hasattr(release, "write_release"):
+        pytest.skip("stages.release.write_release has not landed")
+    pytest.skip("wire to write_release's signature once it lands")
+
+
+def test_model_tensors_outside_the_checkpoint_are_an_error(
+    evaluator: sweep.PointEvaluator,
+) -> None:
+    names = [n for n in evaluator.len_state if n != "model.norm.weight"]
+    with pytest.raises(sweep.SweepError, match="model.norm.weight"):
+        sweep.merge_targets(evaluator.model, names, evaluator.dtype)
+
+
+def test_constituents_of_different_shapes_are_an_error() -> None:
+    a = {"x": torch.zeros(2, 3)}
+    with pytest.raises(sweep.SweepError, match=r"tensor x: len has shape \[2, 3\]"):
+        sweep.check_pair(a, {"x": torch.zeros(3, 2)})
+
+
+# --- lm-eval wiring -------------------------------------------------------------------
+
+
+def test_task_generation_settings_come_from_params(world: dict[str, Path]) -> None:
+    params = make_params(world, [0.0], do_sample=True, temperature=0.6, top_p=0.95)
+    task = sweep.load_tasks(params)["toy"]
+    assert task.config.generation_kwargs == {
+        "until": [],
+        "max_gen_toks": MAX_GEN,
+        "do_sample": True,
+        "temperature": 0.6,
+        "top_p": 0.95,
+    }
+    assert len(task.eval_docs) == 6
+
+
+def test_templated_prompt_is_encoded_with_one_bos(
+    evaluator: sweep.PointEvaluator,
+) -> None:
+    tok = build_tokenizer()
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    # The tokenizer alone would double it: that is the trap being avoided.
+    assert tok(prompt)["input_ids"][:2] == [tok.bos_token_id] * 2
+    ids, _ = evaluator.lm.tok_batch_encode([prompt])
+    assert (ids[0] == tok.bos_token_id).sum().item() == 1
+    assert ids[0, 0].item() == tok.bos_token_id
+
+
+def test_a_prompt_with_two_bos_is_refused(evaluator: sweep.PointEvaluator) -> None:
+    with pytest.raises(sweep.SweepError, match="2 BOS"):
+        evaluator.lm.tok_batch_encode(["<|bos|><|User|>hi<|bos|>"])
+
+
+def test_a_prompt_too_long_for_max_gen_toks_is_refused(
+    evaluator: sweep.PointEvaluator,
+) -> None:
+    with pytest.raises(sweep.SweepError, match="leaves no room"):
+        evaluator.lm.tok_batch_encode(["x" * 300], left_truncate_len=200)
+
+
+def test_bad_eval_line_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "q", "answer": "1"}\n{"question": "q"}\n')
+    with pytest.raises(EvalDataError, match=r"bad.jsonl:2: needs a string 'answer'"):
+        read_jsonl(path)
+
+
+def test_colliding_weight_labels_are_refused() -> None:
+    with pytest.raises(sweep.SweepError, match="w0.12"):
+        sweep.check_labels((0.12, 0.123))
+
+
+# --- whole sweeps ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swept(world: dict[str, Path]) -> tuple[list[dict], dict, Path]:
+    cache = world["root"] / "cache"
+    points, samples = sweep.run_sweep(
+        make_params(world, [0.0, 1.0]), world["len"], world["acc"], cache
+    )
+    return points, samples, cache
+
+
+def test_points_count_tokens_from_generated_ids(swept) -> None:
+    points, samples, _ = swept
+    at = {p["weight"]: p for p in points}
+    # w=0 is acc (never emits EOS): every response runs to max_gen_toks.
+    assert at[0.0]["truncation_rate"] == 1.0
+    assert at[0.0]["mean_tokens"] == at[0.0]["p90_tokens"] == MAX_GEN
+    # w=1 is len (EOS first): one token each, the EOS, and nothing truncated.
+    assert at[1.0]["truncation_rate"] == 0.0
+    assert at[1.0]["mean_tokens"] == 1.0
+    assert all(s["response"] == "" and s["tokens"] == 1 for s in samples[1.0])
+
+
+def test_points_carry_every_field_the_report_reads(swept) -> None:
+    points, samples, _ = swept
+    assert [p["weight"] for p in points] == [0.0, 1.0]
+    for p in points:
+        assert p["n"] == 6 and p["cached"] is False
+        assert set(p["timing"]) == {
+            "load_s",
+            "merge_s",
+            "generate_s",
+            "grade_s",
+            "total_s",
+        }
+        assert p["lm_eval"]["exact_match,none"] == p["accuracy"]
+        assert p["lm_eval"]["formatted,none"] == p["format_rate"]
+        assert p["datasets"]["toy"]["n"] == 6
+    row = samples[0.0][0]
+    assert set(row) == {
+        "dataset", "doc_id", "question", "prompt", "response", "tokens",
+        "truncated", "extracted", "gold", "correct", "formatted",
+    }  # fmt: skip
+    assert row["prompt"] == "<|bos|><|User|>What is 2 + 3?<|Assistant|><think>\n"
+    assert (row["dataset"], row["doc_id"], row["gold"]) == ("toy", 0, "5")
+
+
+def test_unchanged_points_come_from_the_cache(swept, world: dict[str, Path]) -> None:
+    points, samples, cache = swept
+    again, again_samples = sweep.run_sweep(
+        make_params(world, [0.0, 1.0]), world["len"], world["acc"], cache
+    )
+    assert [p["cached"] for p in again] == [True, True]
+    assert again_samples == samples
+    strip = [{k: v for k, v in p.items() if k != "cached"} for p in again]
+    assert strip == [{k: v for k, v in p.items() if k != "cached"} for p in points]
+
+
+def test_an_added_weight_evaluates_one_point(swept, world: dict[str, Path]) -> None:
+    _, _, cache = swept
+    points, _ = sweep.run_sweep(
+        make_params(world, [0.0, 0.6, 1.0]), world["len"], world["acc"], cache
+    )
+    assert [(p["weight"], p["cached"]) for p in points] == [
+        (0.0, True),
+        (0.6, False),
+        (1.0, True),
+    ]
+
+
+def test_a_changed_eval_setting_misses_the_cache(swept, world: dict[str, Path]) -> None:
+    _, _, cache = swept
+    points, _ = sweep.run_sweep(
+        make_params(world, [1.0], batch_size=3), world["len"], world["acc"], cache
+    )
+    assert points[0]["cached"] is False
+
+
+def test_deleting_the_cache_loses_only_time(swept, world: dict[str, Path]) -> None:
+    points, samples, _ = swept
+    fresh = world["root"] / "fresh-cache"
+    again, again_samples = sweep.run_sweep(
+        make_params(world, [0.0, 1.0]), world["len"], world["acc"], fresh
+    )
+    assert [p["cached"] for p in again] == [False, False]
+    assert again_samples == samples
+    keys = ("accuracy", "mean_tokens", "p90_tokens", "truncation_rate", "lm_eval")
+    assert [{k: p[k] for k in keys} for p in again] == [
+        {k: p[k] for k in keys} for p in points
+    ]
+
+
+def test_outputs_replace_old_samples_and_leave_no_temporaries(
+    swept, tmp_path: Path
+) -> None:
+    points, samples, _ = swept
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "w0.50.jsonl").write_text("stale\n")
+    sweep.write_outputs(tmp_path, points, samples)
+    assert sorted(os.listdir(tmp_path)) == ["results.json", "samples"]
+    assert sorted(os.listdir(tmp_path / "samples")) == ["w0.00.jsonl", "w1.00.jsonl"]
+    lines = (tmp_path / "samples" / "w0.00.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == samples[0.0]
+    assert json.loads((tmp_path / "results.json").read_text()) == points
+
+
+def test_stage_command_line_writes_results_and_cache(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    raw = params_dict({"toy": str(world["eval"])}, max_gen_toks=4)
+    raw["sweep"]["weights"] = [1.0]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "stages.sweep", "--len", str(world["len"])]
+    cmd += ["--acc", str(world["acc"]), "--out", "reports/sweep"]
+    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    results = json.loads((tmp_path / "reports/sweep/results.json").read_text())
+    assert [(p["weight"], p["n"], p["mean_tokens"]) for p in results] == [(1.0, 6, 1.0)]
+    assert (tmp_path / "reports/sweep/samples/w1.00.jsonl").exists()
+    assert len(list((tmp_path / ".cache/mergesweep/points").glob("*.json"))) == 1
