@@ -353,7 +353,7 @@ def half_gaps(r: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     bits = 1 - round(math.log2(info.eps))
     ulp = torch.ldexp(torch.ones_like(r), exponent - bits)
     tiny = info.smallest_normal * info.eps
-    ulp = ulp.clamp_min(tiny)
+    ulp = torch.where(r == 0, tiny, ulp.clamp_min(tiny))
     toward_zero = torch.where(mantissa.abs() == 0.5, (ulp / 2).clamp_min(tiny), ulp)
     positive = r > 0
     down = torch.where(positive, toward_zero, ulp) / 2
@@ -1124,9 +1124,11 @@ def tag_release(model_dir: Path, report: dict) -> None:
     except ImportError as e:
         log.warning("not tagging the MLflow model version: %s", e)
         return
+    from mlflow.exceptions import MlflowException
+
     try:
         tag_release_version(model_dir.name, release_tags(report))
-    except LookupError as e:
+    except MlflowException as e:
         log.warning("not tagging the MLflow model version of %s: %s", model_dir.name, e)
 
 
