@@ -3,11 +3,14 @@
 Reads are zero-copy views of memory-mapped files; writes stream tensor bytes in order.
 """
 
+import hashlib
 import json
 import logging
 import math
 import mmap
+import queue
 import struct
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -268,23 +271,98 @@ def _header_bytes(shard: list[TensorSpec]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+class _Sink:
+    """Writes and hashes shard files, inline or on one background thread."""
+
+    def __init__(self, background: bool) -> None:
+        self.sha256: dict[Path, str] = {}
+        self._f = None
+        self._path: Path | None = None
+        self._hash = None
+        self._error: BaseException | None = None
+        self._queue: queue.Queue | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=8)
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+
+    def put(self, op: str, arg: object = None) -> None:
+        if self._queue is None:
+            self._do(op, arg)
+            return
+        if self._error:
+            raise self._error
+        self._queue.put((op, arg))
+
+    def _run(self) -> None:
+        while True:
+            op, arg = self._queue.get()
+            if op == "stop":
+                return
+            if self._error is None:
+                try:
+                    self._do(op, arg)
+                except BaseException as e:  # re-raised in the caller's thread
+                    self._error = e
+
+    def _do(self, op: str, arg: object) -> None:
+        if op in ("open", "close") and self._f:
+            self._f.close()
+            self.sha256[self._path] = self._hash.hexdigest()
+            self._f = None
+        if op == "open":
+            self._path = arg
+            self._f = open(arg, "wb")
+            self._hash = hashlib.sha256()
+        elif op == "data":
+            self._f.write(arg)
+            self._hash.update(arg)
+
+    def finish(self) -> None:
+        self.put("close")
+        if self._queue is not None:
+            self._queue.put(("stop", None))
+            self._thread.join()
+        if self._error:
+            raise self._error
+
+    def abort(self) -> None:
+        if self._queue is not None and self._thread.is_alive():
+            self._error = self._error or RuntimeError("aborted")
+            self._queue.put(("stop", None))
+            self._thread.join()
+        if self._f:
+            self._f.close()
+
+
 class ShardedWriter:
     """Write a sharded checkpoint into `out`, one tensor's bytes after another.
 
     Call `write(chunk)` with the bytes of each tensor in spec order (any number of
     chunks per tensor), then `close()`, which checks that every byte came and writes
-    model.safetensors.index.json.
+    model.safetensors.index.json. With `background`, files are written and hashed on
+    a thread while the caller computes the next chunk. `sha256` maps each shard file
+    name to its hash after `close()`.
     """
 
-    def __init__(self, out: Path, specs: list[TensorSpec], shard_size: int) -> None:
+    def __init__(
+        self,
+        out: Path,
+        specs: list[TensorSpec],
+        shard_size: int,
+        *,
+        background: bool = False,
+    ) -> None:
         self.out = out
         self.shards = plan_shards(specs, shard_size)
         n = len(self.shards)
         self.files = [out / shard_name(i, n) for i in range(n)]
+        self.sha256: dict[str, str] = {}
         self._queue: Iterator[tuple[int, TensorSpec]] = (
             (i, s) for i, shard in enumerate(self.shards) for s in shard
         )
-        self._f = None
+        self._sink = _Sink(background)
+        self._background = background
         self._shard = -1
         self._left = 0
         self._spec: TensorSpec | None = None
@@ -293,10 +371,8 @@ class ShardedWriter:
     def _next_tensor(self) -> None:
         for i, spec in self._queue:
             if i != self._shard:
-                if self._f:
-                    self._f.close()
-                self._f = open(self.files[i], "wb")
-                self._f.write(_header_bytes(self.shards[i]))
+                self._sink.put("open", self.files[i])
+                self._sink.put("data", _header_bytes(self.shards[i]))
                 self._shard = i
             self._spec, self._left = spec, spec.nbytes
             if self._left:
@@ -304,7 +380,7 @@ class ShardedWriter:
         self._spec = None
 
     def write(self, chunk: torch.Tensor) -> None:
-        """Append `chunk` (contiguous, the current tensor's dtype) to the output."""
+        """Append `chunk` (the current tensor's dtype) to the output."""
         spec = self._spec
         if spec is None:
             raise ValueError("all tensors are written; got more bytes")
@@ -313,18 +389,22 @@ class ShardedWriter:
         n = chunk.numel() * chunk.element_size()
         if n > self._left:
             raise ValueError(f"{spec.name}: {n} bytes exceed the {self._left} left")
-        self._f.write(chunk.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        raw = chunk.reshape(-1).view(torch.uint8)
+        if self._background or not raw.is_contiguous():
+            raw = raw.clone()
+        self._sink.put("data", raw.numpy().data)
         self._left -= n
         if not self._left:
             self._next_tensor()
 
     def close(self) -> Path:
         if self._spec is not None:
+            self.abort()
             raise ValueError(
                 f"{self._spec.name}: {self._left} bytes were never written"
             )
-        if self._f:
-            self._f.close()
+        self._sink.finish()
+        self.sha256 = {p.name: h for p, h in self._sink.sha256.items()}
         index = {
             "metadata": {"total_size": sum(s.nbytes for sh in self.shards for s in sh)},
             "weight_map": {
@@ -338,9 +418,7 @@ class ShardedWriter:
         return path
 
     def abort(self) -> None:
-        if self._f:
-            self._f.close()
-            self._f = None
+        self._sink.abort()
 
 
 def save_checkpoint(
