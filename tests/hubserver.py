@@ -158,8 +158,12 @@ class HubServer:
         repo_type: str = "model",
         branch: str = "main",
         tag: str | None = None,
+        sha: str | None = None,
     ) -> str:
-        """Make `files` the whole tree of a new commit on `branch`; returns its sha."""
+        """Make `files` the whole tree of a new commit on `branch`; returns its sha.
+
+        `sha` gives the commit a chosen id (e.g. a real hub commit pinned in a spec).
+        """
         repo = self.repos[(repo_type, repo_id)]
         tree = {
             path: HubFile(path, data, path.endswith(LFS_SUFFIXES))
@@ -169,7 +173,7 @@ class HubServer:
         seed = json.dumps(
             [repo_id, self._counter, sorted((p, f.oid) for p, f in tree.items())]
         )
-        sha = hashlib.sha1(seed.encode()).hexdigest()
+        sha = sha or hashlib.sha1(seed.encode()).hexdigest()
         repo.commits[sha] = tree
         repo.branches[branch] = sha
         if tag is not None:
