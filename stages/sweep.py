@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import resource
@@ -33,7 +34,7 @@ from stages import paths
 from stages.checkpoint import Checkpoint, dtype_from_name
 from stages.grading import grade
 from stages.hashing import manifest, sha256_file, write_json
-from stages.merging import linear_merge
+from stages.merging import LM_HEAD, MergePlan, linear_merge, plan_merge
 from stages.params import Params, load_params
 
 log = logging.getLogger(__name__)
@@ -253,46 +254,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_state(root: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors checkpoint on `device` (CPU: file-backed views)."""
-    ckpt = Checkpoint(root)
-    return {name: ckpt.tensor(name).to(device) for name in sorted(ckpt.tensors)}
+def load_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint as a CPU view of its memory-mapped file.
+
+    The merge runs on the CPU, where the release runs it: mergekit's addcmul_ is a
+    fused multiply-add there, and only the same device guarantees the same bits.
+    """
+    return {name: ckpt.tensor(name) for name in sorted(ckpt.tensors)}
 
 
-def check_pair(len_state: dict, acc_state: dict) -> None:
-    if set(len_state) != set(acc_state):
-        only = sorted(set(len_state) ^ set(acc_state))
-        raise SweepError(f"constituents differ in tensors: {', '.join(only[:5])}")
-    for name, t in len_state.items():
-        if t.shape != acc_state[name].shape:
-            raise SweepError(
-                f"tensor {name}: len has shape {list(t.shape)}, "
-                f"acc has {list(acc_state[name].shape)}"
-            )
-
-
-def merge_dtype(params: Params, len_state: dict[str, torch.Tensor]) -> torch.dtype:
-    """params merge.dtype, else the constituents' dtype (linear_merge's default)."""
-    if params.merge.dtype is not None:
-        return dtype_from_name(params.merge.dtype)
-    dtypes = {t.dtype for t in len_state.values()}
-    if len(dtypes) != 1:
-        raise SweepError(
-            f"len mixes dtypes {sorted(map(str, dtypes))}; set merge.dtype in params"
-        )
-    return dtypes.pop()
-
-
-def build_model(
-    donor: Path, dtype: torch.dtype, device: torch.device
-) -> Qwen2ForCausalLM:
+def build_model(donor: Path, plan: MergePlan, device: torch.device) -> Qwen2ForCausalLM:
+    """The donor's architecture in the merge dtype, untied when the merge has its own
+    lm_head (as the release's config.json is)."""
     config = AutoConfig.from_pretrained(donor, trust_remote_code=False)
     if config.model_type != "qwen2":
         raise SweepError(
             f"{donor}/config.json: model_type must be qwen2, got {config.model_type!r}"
         )
+    if any(j.name == LM_HEAD for j in plan.jobs):
+        config.tie_word_embeddings = False
     model = Qwen2ForCausalLM.from_pretrained(
-        donor, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        donor,
+        config=config,
+        dtype=plan.dtype,
+        use_safetensors=True,
+        trust_remote_code=False,
     )
     return model.to(device).eval().requires_grad_(False)
 
@@ -300,10 +286,10 @@ def build_model(
 def merge_targets(
     model: torch.nn.Module, names: list[str], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """The model tensor each checkpoint tensor is written to, checked to cover them all.
+    """The model tensor each merged tensor is written to, checked to cover them all.
 
     Tied weights share storage, so a model's parameters() can hide a checkpoint name;
-    going by the checkpoint's names and then checking storage covers both cases.
+    going by the merge's names and then checking storage covers both cases.
     """
     state = model.state_dict()
     missing = [n for n in names if n not in state]
@@ -327,22 +313,23 @@ def merge_targets(
 @torch.no_grad()
 def merge_into(
     targets: dict[str, torch.Tensor],
+    plan: MergePlan,
     len_state: dict[str, torch.Tensor],
     acc_state: dict[str, torch.Tensor],
     w: float,
     *,
     normalize: bool,
-    dtype: torch.dtype,
 ) -> None:
     """Overwrite the model's weights with the linear merge at `w` (share of len)."""
-    for name, dst in targets.items():
+    for job in plan.jobs:
+        a, b = job.sources
         merged = linear_merge(
-            [len_state[name], acc_state[name]],
-            [w, 1 - w],
+            [len_state[a], acc_state[b]],
+            [w, 1.0 - w],
             normalize=normalize,
-            out_dtype=dtype,
+            out_dtype=plan.dtype,
         )
-        dst.copy_(merged)
+        targets[job.name].copy_(merged)
 
 
 # --- one point ------------------------------------------------------------------------
@@ -415,13 +402,15 @@ class PointEvaluator:
         start = time.perf_counter()
         self.params = params
         self.device = resolve_device(params.merge.device)
-        self.len_state = load_state(len_dir, self.device)
-        self.acc_state = load_state(acc_dir, self.device)
-        check_pair(self.len_state, self.acc_state)
-        self.dtype = merge_dtype(params, self.len_state)
+        ckpts = [Checkpoint(len_dir), Checkpoint(acc_dir)]
+        dtype = params.merge.dtype
+        self.plan = plan_merge(ckpts, dtype=dtype_from_name(dtype) if dtype else None)
+        self.dtype = self.plan.dtype
+        self.len_state, self.acc_state = (load_state(c) for c in ckpts)
         # acc donates config, tokenizer and generation_config, as in the release.
-        self.model = build_model(acc_dir, self.dtype, self.device)
-        self.targets = merge_targets(self.model, sorted(self.len_state), self.dtype)
+        self.model = build_model(acc_dir, self.plan, self.device)
+        names = [j.name for j in self.plan.jobs]
+        self.targets = merge_targets(self.model, names, self.dtype)
         tokenizer = AutoTokenizer.from_pretrained(acc_dir, trust_remote_code=False)
         eos = self.model.generation_config.eos_token_id
         eos_ids = {tokenizer.eos_token_id} | set(
@@ -436,7 +425,7 @@ class PointEvaluator:
         )
         self.tasks = load_tasks(params)
         self.load_s = time.perf_counter() - start
-        self.n_params = sum(t.numel() for t in self.len_state.values())
+        self.n_params = sum(math.prod(j.shape) for j in self.plan.jobs)
 
     def seed(self) -> None:
         s = self.params.eval.seed
@@ -449,11 +438,11 @@ class PointEvaluator:
         start = time.perf_counter()
         merge_into(
             self.targets,
+            self.plan,
             self.len_state,
             self.acc_state,
             w,
             normalize=self.params.merge.normalize,
-            dtype=self.dtype,
         )
         merged = time.perf_counter()
         self.seed()
