@@ -28,6 +28,7 @@ from stages.merging import linear_merge
 log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 PROVENANCE = "provenance.json"
 CHECKS = ("integrity", "lineage", "recompute", "inference")
 DTYPES = {
@@ -277,10 +278,11 @@ class Checkpoint:
         while (item := self._advance()) is not None:
             if item[0] == name:
                 return item[1]
-            self._hold(*item)
+            self.hold(*item)
         return None
 
-    def _hold(self, name: str, t: torch.Tensor) -> None:
+    def hold(self, name: str, t: torch.Tensor) -> None:
+        """Keep a tensor read ahead of need, dropping the oldest beyond the cap."""
         self.pending[name] = t
         self.pending_bytes += t.nbytes
         while self.pending_bytes > self.pending_cap and self.pending:
@@ -748,6 +750,17 @@ class Scan:
     unseen: list[str] = field(default_factory=list)
 
 
+def source_tensor(c: Checkpoint, name: str) -> torch.Tensor | None:
+    """The constituent's tensor for a release tensor; a tied lm_head is the embeddings
+    (as stages.merging pairs them), kept in memory since they are needed again."""
+    if name == LM_HEAD and LM_HEAD not in c.names and EMBED in c.names:
+        t = c.get(EMBED)
+        if t is not None:
+            c.hold(EMBED, t)
+        return t
+    return c.get(name)
+
+
 def pair_problem(
     name: str, rl: torch.Tensor, got: dict[str, torch.Tensor | None]
 ) -> str | None:
@@ -776,7 +789,7 @@ def scan_tensors(
         bar.update(rl.nbytes)
         if len(constituents) < 2:
             continue
-        got = {who: c.get(name) for who, c in constituents.items()}
+        got = {who: source_tensor(c, name) for who, c in constituents.items()}
         problem = pair_problem(name, rl, got)
         if problem:
             scan.problems.append(problem)

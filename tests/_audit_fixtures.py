@@ -74,11 +74,14 @@ def rl_pair(*, drift: float, seed: int) -> tuple[dict, dict]:
     return out
 
 
-def write_constituent(folder: Path, tensors: dict, name: str) -> Path:
+def write_constituent(
+    folder: Path, tensors: dict, name: str, *, tied: bool = False
+) -> Path:
     """A hub-like model folder (one model.safetensors) with its provenance.json."""
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
+    config = CONFIG | {"tie_word_embeddings": tied}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "generation_config.json").write_text('{"eos_token_id": 1}\n')
     (folder / "tokenizer_config.json").write_text('{"model_max_length": 512}\n')
     files = manifest(folder)
@@ -97,12 +100,14 @@ def write_constituent(folder: Path, tensors: dict, name: str) -> Path:
 
 
 def make_constituents(
-    root: Path, *, drift: float = 1.5e-5, seed: int = 0
+    root: Path, *, drift: float = 1.5e-5, seed: int = 0, tie_acc: bool = False
 ) -> tuple[Path, Path]:
+    """`len` and `acc` folders; `tie_acc` drops acc's lm_head, as the real base ties."""
     tl, ta = rl_pair(drift=drift, seed=seed)
-    return write_constituent(root / "len", tl, "len"), write_constituent(
-        root / "acc", ta, "acc"
-    )
+    if tie_acc:
+        del ta["lm_head.weight"]
+    acc = write_constituent(root / "acc", ta, "acc", tied=tie_acc)
+    return write_constituent(root / "len", tl, "len"), acc
 
 
 def write_release(

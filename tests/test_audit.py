@@ -182,6 +182,19 @@ def test_changed_constituent_fails_lineage(
     assert report["checks"]["recompute"]["status"] == "pass"
 
 
+def test_release_stage_output_with_tied_acc_passes(tmp_path: Path) -> None:
+    from stages.release import write_release
+
+    pair = fx.make_constituents(tmp_path / "c", tie_acc=True)
+    out = write_release(*pair, 0.3, tmp_path / "models" / "rel", shard_size=400_000)
+    assert len(list(out.glob("model-*.safetensors"))) > 2
+    report = run_audit(out, pair)
+    assert statuses(report) == dict.fromkeys(A.CHECKS, "pass")
+    assert report["weight_bytes_read"] == report["weight_bytes"]
+    fits = report["checks"]["inference"]["per_tensor"]
+    assert fits["lm_head.weight"]["disagreeing_elements"] == 0
+
+
 def test_constituent_found_by_recorded_source(release: Path) -> None:
     report = A.audit(release)
     assert statuses(report) == dict.fromkeys(A.CHECKS, "pass")
