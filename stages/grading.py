@@ -3,6 +3,7 @@ the one `</think>`, judged equal to the gold answer by math-verify.
 """
 
 import logging
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -12,6 +13,10 @@ log = logging.getLogger(__name__)
 
 END_THINK = "</think>"
 BOXED = "\\boxed{"
+# Two plain integers are equal exactly when math-verify says so (test_grading checks
+# it); deciding them without its LaTeX parser, ~2 ms a call, keeps grading off the
+# sweep's time (320 samples x 11 points on the embedded default).
+INTEGER = re.compile(r"-?[0-9]+")
 
 
 class GradingError(ValueError):
@@ -96,9 +101,17 @@ def parse_gold(gold: str) -> tuple:
     return tuple(parsed)
 
 
+def check_gold(gold: str) -> None:
+    """Raise GradingError now, not mid-sweep, for a gold math-verify cannot read."""
+    if not INTEGER.fullmatch(gold):
+        parse_gold(gold)
+
+
 @lru_cache(maxsize=65536)
 def is_equivalent(answer: str, gold: str) -> bool:
     """math-verify equivalence of an extracted answer with the gold one."""
+    if INTEGER.fullmatch(answer) and INTEGER.fullmatch(gold):
+        return int(answer) == int(gold)
     pred = parse(f"{BOXED}{answer}}}")
     return bool(pred) and verify(list(parse_gold(gold)), pred)
 

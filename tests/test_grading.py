@@ -1,6 +1,7 @@
 """Answer extraction and verdicts on real reasoning-model shaped responses."""
 
 import pytest
+from math_verify import parse, verify
 
 from stages.grading import (
     GradingError,
@@ -96,6 +97,25 @@ def test_equivalent_answers(answer: str, gold: str) -> None:
 )
 def test_different_answers(answer: str, gold: str) -> None:
     assert not is_equivalent(answer, gold)
+
+
+@pytest.mark.parametrize(
+    ("answer", "gold"),
+    [
+        ("7", "7"),
+        ("007", "7"),
+        ("-0", "0"),
+        ("-12", "12"),
+        ("123456789012", "123456789012"),
+        ("10", "1"),
+        ("3", "-3"),
+        ("0", "00"),
+    ],
+)
+def test_integer_shortcut_agrees_with_math_verify(answer: str, gold: str) -> None:
+    assert is_equivalent(answer, gold) == verify(
+        parse(f"${gold}$"), parse(f"\\boxed{{{answer}}}")
+    )
 
 
 def test_formatted_but_wrong_says_so() -> None:

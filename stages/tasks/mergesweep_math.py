@@ -8,7 +8,7 @@ from typing import Any
 
 import datasets
 
-from stages.grading import GradingError, grade, parse_gold
+from stages.grading import GradingError, check_gold, grade
 
 
 class EvalDataError(ValueError):
@@ -29,7 +29,7 @@ def read_jsonl(path: Path) -> list[dict[str, str]]:
             if not isinstance(row, dict) or not isinstance(row.get(key), str):
                 raise EvalDataError(f"{path}:{n}: needs a string {key!r}, got {row!r}")
         try:
-            parse_gold(row["answer"])
+            check_gold(row["answer"])
         except GradingError as e:
             raise EvalDataError(f"{path}:{n}: {e}") from None
         rows.append({"question": row["question"], "answer": row["answer"]})
