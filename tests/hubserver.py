@@ -80,11 +80,13 @@ class Faults:
     full headers but close the connection once the body reaches that byte offset.
     corrupt: serve these files with one byte flipped (same length, wrong sha256).
     advertised_size: sizes to claim in tree/paths-info listings instead of the truth.
+    status: answer this HTTP status to every request whose path contains the key.
     """
 
     drop_after: dict[str, list[int]] = field(default_factory=dict)
     corrupt: set[str] = field(default_factory=set)
     advertised_size: dict[str, int] = field(default_factory=dict)
+    status: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,9 @@ class _HubHandler(BaseHTTPRequestHandler):
         if method == "POST":
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         try:
+            for key, status in hub.faults.status.items():
+                if key in url.path:
+                    raise _Reply(status, None, f"injected {status}")
             if self.is_cdn:
                 return self._cdn_object(method, url.path)
             parts = [unquote(p) for p in url.path.strip("/").split("/")]

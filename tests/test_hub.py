@@ -26,13 +26,15 @@ RUNNER = """
 import dataclasses, json, sys
 from pathlib import Path
 from stages import hub
-spec = json.loads(sys.argv[1])
-args = [Path(a[5:]) if str(a).startswith("path:") else a for a in spec["args"]]
-try:
-    out = getattr(hub, spec["fn"])(*args, **spec["kwargs"])
-    print(json.dumps({"ok": out}, default=dataclasses.astuple))
-except hub.HubError as err:
-    print(json.dumps({"error": type(err).__name__, "message": str(err)}))
+outs = []
+for spec in json.loads(sys.argv[1]):
+    args = [Path(a[5:]) if str(a).startswith("path:") else a for a in spec["args"]]
+    try:
+        out = getattr(hub, spec["fn"])(*args, **spec["kwargs"])
+        outs.append({"ok": out})
+    except hub.HubError as err:
+        outs.append({"error": type(err).__name__, "message": str(err)})
+print(json.dumps(outs, default=dataclasses.astuple))
 """
 
 
@@ -85,17 +87,19 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
         yield server
 
 
-def call(fn: str, *args: object, **kwargs: object) -> dict:
-    """Run stages.hub.<fn> in a fresh interpreter; {"ok": result} or {"error", ...}."""
-    spec = json.dumps(
-        {
-            "fn": fn,
-            "args": [f"path:{a}" if isinstance(a, Path) else a for a in args],
-            "kwargs": kwargs,
-        }
-    )
+def calls(*specs: tuple) -> list[dict]:
+    """Run (fn, *args[, kwargs]) calls of stages.hub in one fresh interpreter.
+
+    Each result is {"ok": value} or {"error": class name, "message": text}, plus the
+    interpreter's "stderr".
+    """
+    payload = []
+    for fn, *args in specs:
+        kwargs = args.pop() if args and isinstance(args[-1], dict) else {}
+        args = [f"path:{a}" if isinstance(a, Path) else a for a in args]
+        payload.append({"fn": fn, "args": args, "kwargs": kwargs})
     proc = subprocess.run(
-        [sys.executable, "-c", RUNNER, spec],
+        [sys.executable, "-c", RUNNER, json.dumps(payload)],
         cwd=ROOT,
         env=dict(os.environ),
         capture_output=True,
@@ -103,9 +107,13 @@ def call(fn: str, *args: object, **kwargs: object) -> dict:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out["stderr"] = proc.stderr
-    return out
+    outs = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [dict(out, stderr=proc.stderr) for out in outs]
+
+
+def call(fn: str, *args: object, **kwargs: object) -> dict:
+    """One call of stages.hub.<fn> in a fresh interpreter."""
+    return calls((fn, *args, kwargs))[0]
 
 
 def expected_manifest(files: dict[str, bytes], names: list[str]) -> dict[str, dict]:
@@ -169,13 +177,17 @@ def test_resolve_branch_tag_and_commit(hub: HubServer) -> None:
     hub.add_repo("o/m")
     first = hub.commit("o/m", sharded_model(0), tag="v1")
     second = hub.commit("o/m", sharded_model(1))
-    assert call("resolve_revision", "o/m", "main")["ok"] == second
-    assert call("resolve_revision", "o/m", "v1")["ok"] == first
-    assert call("resolve_revision", "o/m", first)["ok"] == first
-    missing = call("resolve_revision", "o/m", "f" * 40)
+    main, v1, pinned, missing, nope = calls(
+        ("resolve_revision", "o/m", "main"),
+        ("resolve_revision", "o/m", "v1"),
+        ("resolve_revision", "o/m", first),
+        ("resolve_revision", "o/m", "f" * 40),
+        ("resolve_revision", "o/m", "nope"),
+    )
+    assert (main["ok"], v1["ok"], pinned["ok"]) == (second, first, first)
     assert missing["error"] == "HubNotFoundError"
     assert "revision" in missing["message"] and "check the branch" in missing["message"]
-    assert call("resolve_revision", "o/m", "nope")["error"] == "HubNotFoundError"
+    assert nope["error"] == "HubNotFoundError"
 
 
 def test_short_sha_refused_before_any_request(hub: HubServer) -> None:
@@ -195,8 +207,13 @@ def test_branch_that_moves_between_runs(hub: HubServer, tmp_path: Path) -> None:
     new = hub.commit("o/m", new_files)
     assert call("resolve_revision", "o/m", "main")["ok"] == new != old
 
-    got_new = call("download_snapshot", "o/m", new, tmp_path / "new")["ok"]
-    got_old = call("download_snapshot", "o/m", old, tmp_path / "old")["ok"]
+    got_new, got_old = (
+        out["ok"]
+        for out in calls(
+            ("download_snapshot", "o/m", new, tmp_path / "new"),
+            ("download_snapshot", "o/m", old, tmp_path / "old"),
+        )
+    )
     assert got_new == expected_manifest(new_files, SAFE)
     assert got_old == expected_manifest(old_files, SAFE)
     assert (tmp_path / "old/config.json").read_bytes() == old_files["config.json"]
@@ -482,3 +499,11 @@ def test_server_paths_info_matches_tree(hub: HubServer) -> None:
         ["config.json", *listed["config.json"][1:3], None],
         [name, len(files[name]), listed[name][2], sha256(files[name])],
     ]
+
+
+def test_hub_down_5xx_is_its_own_error(hub: HubServer) -> None:
+    hub.add_repo("o/m")
+    hub.commit("o/m", sharded_model())
+    hub.faults.status["/api/models/o/m"] = 503
+    out = call("resolve_revision", "o/m", "main")
+    assert out["error"] == "HubServerError" and "503" in out["message"]
