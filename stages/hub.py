@@ -35,28 +35,12 @@ from huggingface_hub.file_download import get_hf_file_metadata, hf_hub_url, http
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import build_hf_headers, silent_tqdm
 
+from stages import modelfiles
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 INDEX_NAME = "model.safetensors.index.json"
-SAFE_NAMES = frozenset(
-    {
-        INDEX_NAME,
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-        "vocab.json",
-        "merges.txt",
-        "tokenizer.model",
-        "chat_template.jinja",
-        "chat_template.json",
-        "README.md",
-    }
-)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Below this a file downloads in well under a second; a bar per tokenizer file is noise.
 PROGRESS_MIN_BYTES = 8 * 1024 * 1024
 # Room left on the disk beyond the download itself, for the logs and temp files of the
@@ -180,6 +164,8 @@ def resolve_revision(repo_id: str, revision: str, *, repo_type: str = "model") -
         raise HubRevisionError(
             f"{repo_id}: revision is empty; give a branch, a tag or a 40-hex commit"
         )
+    if re.fullmatch(r"[0-9a-fA-F]{40}", revision):
+        revision = revision.lower()
     if SHORT_SHA_RE.fullmatch(revision) and not _looks_like_word(revision):
         raise HubRevisionError(
             f"{repo_id}: revision {revision!r} looks like a short commit sha, which "
@@ -231,11 +217,11 @@ def list_files(
 
 
 def select_safe_files(files: Mapping[str, RemoteFile], *, where: str) -> list[str]:
-    """The top-level safe files: safetensors, index, config, tokenizer, README."""
-    top = [p for p in files if "/" not in p]
-    weights = sorted(p for p in top if p.endswith(".safetensors"))
+    """The files to take (stages.modelfiles: top-level safetensors, configs, ...)."""
+    safe = sorted(p for p in files if modelfiles.is_safe(p))
+    weights = [p for p in safe if p.endswith(".safetensors")]
     if not weights:
-        pickles = sorted(p for p in files if p.lower().endswith(PICKLE_SUFFIXES))
+        pickles = sorted(p for p in files if modelfiles.is_pickle(p))
         if pickles:
             raise HubUnsafeRepoError(
                 f"{where} has only pickle weights ({', '.join(pickles[:5])}); pickle "
@@ -243,7 +229,7 @@ def select_safe_files(files: Mapping[str, RemoteFile], *, where: str) -> list[st
                 "revision or a repo that has *.safetensors weights"
             )
         raise HubUnsafeRepoError(f"{where} has no *.safetensors weights at top level")
-    return weights + sorted(p for p in top if p in SAFE_NAMES)
+    return safe
 
 
 # Downloads
@@ -308,7 +294,7 @@ def download_files(
     missing = [p for p in paths if p not in files]
     if missing:
         raise HubNotFoundError(f"{where} has no file(s) {', '.join(missing)}")
-    if any(p.lower().endswith(PICKLE_SUFFIXES) or p.endswith(".py") for p in paths):
+    if any(modelfiles.is_pickle(p) or p.endswith(".py") for p in paths):
         raise HubUnsafeRepoError(f"{where}: refusing pickle or Python files in {paths}")
     staging = partial_dir(dest, repo_id, commit, repo_type=repo_type)
     remote = [files[p] for p in paths]

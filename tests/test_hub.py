@@ -180,7 +180,7 @@ def test_resolve_branch_tag_and_commit(hub: HubServer) -> None:
     main, v1, pinned, missing, nope = calls(
         ("resolve_revision", "o/m", "main"),
         ("resolve_revision", "o/m", "v1"),
-        ("resolve_revision", "o/m", first),
+        ("resolve_revision", "o/m", first.upper()),
         ("resolve_revision", "o/m", "f" * 40),
         ("resolve_revision", "o/m", "nope"),
     )
