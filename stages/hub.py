@@ -342,13 +342,20 @@ def _fetch(
     staging: Path,
     repo_type: str,
 ) -> dict[str, dict]:
+    where = f"{repo_type} {repo_id}@{commit}"
     manifest = {}
     for f in files:
         target = staging / f.path
-        if not (target.is_file() and target.stat().st_size == f.size):
-            _download_one(repo_id, commit, f, staging, repo_type)
+        if target.is_file() and target.stat().st_size == f.size:
+            try:
+                manifest[f.path] = _verify(target, f, where)
+                continue
+            except HubIntegrityError:
+                log.warning("%s: %s from an earlier run is damaged", where, f.path)
+                target.unlink()
+        _download_one(repo_id, commit, f, staging, repo_type)
         try:
-            manifest[f.path] = _verify(target, f, f"{repo_type} {repo_id}@{commit}")
+            manifest[f.path] = _verify(target, f, where)
         except HubIntegrityError:
             target.unlink(missing_ok=True)
             raise

@@ -507,3 +507,30 @@ def test_hub_down_5xx_is_its_own_error(hub: HubServer) -> None:
     hub.faults.status["/api/models/o/m"] = 503
     out = call("resolve_revision", "o/m", "main")
     assert out["error"] == "HubServerError" and "503" in out["message"]
+
+
+def test_rerun_reuses_verified_files_and_refetches_damaged_ones(
+    hub: HubServer, tmp_path: Path
+) -> None:
+    files = sharded_model()
+    first, second = (
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    )
+    hub.add_repo("o/m")
+    sha = hub.commit("o/m", files)
+    hub.faults.corrupt.add(second)
+    dest = tmp_path / "m"
+    assert call("download_snapshot", "o/m", sha, dest)["error"] == "HubIntegrityError"
+    staged = hubmod.partial_dir(dest, "o/m", sha, repo_type="model") / first
+    damaged = bytearray(staged.read_bytes())
+    damaged[-1] ^= 0xFF
+    staged.write_bytes(bytes(damaged))
+
+    hub.faults.corrupt.clear()
+    before = len(hub.requests)
+    out = call("download_snapshot", "o/m", sha, dest)
+    assert out["ok"] == expected_manifest(files, SAFE)
+    again = [s.path for s in hub.requests[before:] if s.method == "GET"]
+    assert any(first in p for p in again) and any(second in p for p in again)
+    assert not any(p.endswith("/config.json") for p in again)
