@@ -286,3 +286,23 @@ def test_convert_names_missing_field():
     suite = suites.SUITES[0]
     with pytest.raises(suites.SuiteError, match=r"row 0: no field 'answer'"):
         suites.convert(suite, [{"problem": "p"}], where="aime24")
+
+
+@pytest.mark.network
+def test_pinned_suites_on_the_real_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The two pinned files hash as the public provenance note says (needs network)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    want = {
+        "aime24": "26139847601a5037c237d5928b195e7260ca8074cf4f264b794af42847f79ccf",
+        "math500": "35dc41080a3680858b27fa7e0533d2d547825316fc5dafe5d316f4ccc5a06132",
+    }
+    proc = run_suites(tmp_path / "s", "--only", "aime24,math500")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prov = json.loads((tmp_path / "s" / "provenance.json").read_text())
+    for name, digest in want.items():
+        (meta,) = prov["suites"][name]["files"].values()
+        assert meta["sha256"] == digest, name
+    assert prov["suites"]["aime24"]["rows"] == 30
+    assert prov["suites"]["math500"]["rows"] == 500
