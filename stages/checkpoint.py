@@ -11,7 +11,6 @@ import mmap
 import queue
 import struct
 import threading
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,22 +169,21 @@ class Checkpoint:
         return sum(i.nbytes for i in self.tensors.values())
 
     def tensor(self, name: str) -> torch.Tensor:
-        """A read-only zero-copy view of `name`; its pages stay file-backed."""
+        """A zero-copy view of `name`; its pages stay file-backed until written."""
         info = self.tensors[name]
         mm = self._maps.get(info.file)
         if mm is None:
             with open(info.file, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                # Copy-on-write: pages stay file-backed until written, and a write into
+                # a view changes only this process's copy, never the file.
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             mm.madvise(mmap.MADV_SEQUENTIAL)
             self._maps[info.file] = mm
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        with warnings.catch_warnings():
-            # The buffer is read-only by design; torch warns that it is not writable.
-            warnings.simplefilter("ignore", UserWarning)
-            raw = torch.frombuffer(
-                mm, dtype=torch.uint8, count=info.nbytes, offset=info.offset
-            )
+        raw = torch.frombuffer(
+            mm, dtype=torch.uint8, count=info.nbytes, offset=info.offset
+        )
         if info.offset % info.dtype.itemsize:
             raw = raw.clone()
         return raw.view(info.dtype).view(info.shape)

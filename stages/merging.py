@@ -42,15 +42,25 @@ def _linear_into(
     tensors: Sequence[torch.Tensor],
     coefs: torch.Tensor,
     denom: torch.Tensor | None,
+    scratch: torch.Tensor | None = None,
 ) -> None:
     # mergekit's exact op sequence: addcmul_ is a fused multiply-add on CPU (measured
     # here: torch 2.13, AVX2), so `(w * x).sum(0)` differs from it in the last bit.
+    # Converting to fp32 first is exact and, measured, faster than a mixed addcmul_.
     res.zero_()
     for t, c in zip(tensors, coefs.unbind(0), strict=True):
+        if scratch is not None and t.dtype != torch.float32:
+            t = scratch.copy_(t)
         res.addcmul_(t, c)
     if denom is not None:
         res.div_(denom)
     out.copy_(res)
+
+
+def _denominator(coefs: torch.Tensor, normalize: bool) -> torch.Tensor | None:
+    """The weight sum, or None where dividing changes nothing (x / 1.0 is x)."""
+    total = coefs.sum()
+    return total if normalize and total.item() != 1.0 else None
 
 
 def linear_merge(
@@ -70,8 +80,10 @@ def linear_merge(
     coefs = torch.tensor(list(weights), dtype=torch.float32)
     res = torch.empty(first.shape, dtype=torch.float32, device=first.device)
     out = torch.empty(first.shape, dtype=out_dtype or first.dtype, device=first.device)
-    denom = coefs.sum() if normalize else None
-    _linear_into(res, out, [t.to(res.device) for t in tensors], coefs, denom)
+    tensors = [t.to(res.device) for t in tensors]
+    _linear_into(
+        res, out, tensors, coefs.to(res.device), _denominator(coefs, normalize)
+    )
     return out
 
 
@@ -197,6 +209,28 @@ def plan_merge(
     return MergePlan(tuple(jobs), out_dtype, tuple(tied))
 
 
+INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+EXPONENT_BITS = {
+    torch.bfloat16: 0x7F80,
+    torch.float16: 0x7C00,
+    torch.float32: 0x7F800000,
+    torch.float64: 0x7FF0000000000000,
+}
+
+
+def _first_non_finite(out: torch.Tensor, bits: torch.Tensor) -> int | None:
+    """Index of the first NaN/Inf in `out`: those have every exponent bit set.
+
+    A masked max over the raw bits is exact and, measured, about 20x faster than
+    `torch.isfinite(out).all()` on bf16.
+    """
+    mask = EXPONENT_BITS[out.dtype]
+    torch.bitwise_and(out.view(bits.dtype), mask, out=bits)
+    if int(bits.amax()) != mask:
+        return None
+    return int((bits == mask).nonzero()[0])
+
+
 def stream_merge(
     plan: MergePlan,
     ckpts: Sequence[Checkpoint],
@@ -210,28 +244,36 @@ def stream_merge(
     """Merge every tensor of `plan` in chunks of `chunk` elements, in plan order.
 
     `write` receives each output chunk (reused afterwards: copy or consume it at once).
-    A non-finite result raises MergeError naming the tensor.
+    A non-finite result raises MergeError naming the tensor. Runs torch on one thread:
+    the writer uses the other core, and on a shared machine OpenMP's spinning threads
+    made these small ops 20-50x slower (measured on 2 busy cores).
     """
     coefs = torch.tensor(list(weights), dtype=torch.float32)
-    denom = coefs.sum() if normalize else None
-    res = torch.empty(chunk, dtype=torch.float32)
+    denom = _denominator(coefs, normalize)
+    res, scratch = torch.empty(chunk), torch.empty(chunk)
     out = torch.empty(chunk, dtype=plan.dtype)
-    for job in plan.jobs:
-        srcs = [
-            c.tensor(s).reshape(-1) for c, s in zip(ckpts, job.sources, strict=True)
-        ]
-        n = srcs[0].numel()
-        for start in range(0, n, chunk):
-            m = min(chunk, n - start)
-            o = out[:m]
-            _linear_into(res[:m], o, [s[start : start + m] for s in srcs], coefs, denom)
-            if not torch.isfinite(o).all():
-                bad = start + int((~torch.isfinite(o)).nonzero()[0])
-                raise MergeError(
-                    f"{job.name}: the merge gives a non-finite value "
-                    f"({o.view(-1)[bad - start].item()}) at flat index {bad}; "
-                    "refusing the release"
-                )
-            write(o)
-            if progress:
-                progress(m * plan.dtype.itemsize)
+    bits = torch.empty(chunk, dtype=INT_VIEWS[plan.dtype.itemsize])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for job in plan.jobs:
+            srcs = [
+                c.tensor(s).reshape(-1) for c, s in zip(ckpts, job.sources, strict=True)
+            ]
+            n = srcs[0].numel()
+            for start in range(0, n, chunk):
+                m = min(chunk, n - start)
+                o = out[:m]
+                parts = [s[start : start + m] for s in srcs]
+                _linear_into(res[:m], o, parts, coefs, denom, scratch[:m])
+                bad = _first_non_finite(o, bits[:m])
+                if bad is not None:
+                    raise MergeError(
+                        f"{job.name}: the merge gives {o[bad].item()} at flat index "
+                        f"{start + bad}; a release must be finite, refusing it"
+                    )
+                write(o)
+                if progress:
+                    progress(m * plan.dtype.itemsize)
+    finally:
+        torch.set_num_threads(threads)
