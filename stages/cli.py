@@ -16,14 +16,11 @@ from stages.params import ParamsError, load_params
 
 log = logging.getLogger(__name__)
 
-# Subcommands that own their argument parsing: name -> (module, help).
+# Subcommands that parse their own arguments: name -> (module, entry point, help).
 DELEGATED = {
-    "merge": (
-        "stages.release",
-        "write a release folder: the linear merge of two models",
-    ),
-    "audit": ("stages.audit", "check that a model folder is the merge it claims to be"),
-    "suites": ("stages.suites", "fetch the real recipe's math datasets as jsonl"),
+    "merge": ("stages.release", "cli", "write a release folder: a linear merge"),
+    "audit": ("stages.audit", "cli", "check that a model is the merge it claims to be"),
+    "suites": ("stages.suites", "main", "fetch the real recipe's math test sets"),
 }
 
 
@@ -77,7 +74,7 @@ def serve_ui(host: str, port: int, workers: int) -> NoReturn:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergesweep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, help_text) in DELEGATED.items():
+    for name, (_, _, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
     ui = sub.add_parser("ui", help="serve the MLflow UI for this project's store")
     ui.add_argument("--host", default="127.0.0.1")
@@ -98,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     if argv and argv[0] in DELEGATED:
-        module = importlib.import_module(DELEGATED[argv[0]][0])
-        return module.cli(argv[1:])
+        module, entry, _ = DELEGATED[argv[0]]
+        return getattr(importlib.import_module(module), entry)(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     try:
         if args.command == "ui":
