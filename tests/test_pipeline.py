@@ -2,76 +2,34 @@
 
 import csv
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from _repo import copy_repo, edit_params, run, stages_run
 
-ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 40  # problems per point: enough for real numbers, small enough for CI
 
 pytestmark = pytest.mark.slow
 
 
-def copy_repo(dest: Path) -> Path:
-    """The committed and untracked-but-not-ignored files, as a fresh git repository."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.split(b"\0")
-    for rel in filter(None, listed):
-        src = ROOT / rel.decode()
-        if src.is_file() and rel.decode() != "dvc.lock":
-            target = dest / rel.decode()
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, target)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
-    return dest
-
-
-def edit_params(repo: Path, **changes: object) -> None:
-    path = repo / "params.yaml"
-    raw = yaml.safe_load(path.read_text())
-    for dotted, value in changes.items():
-        *parents, last = dotted.split("__")
-        node = raw
-        for key in parents:
-            node = node[key]
-        node[last] = value
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
 def repro(repo: Path) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    done = subprocess.run(
-        ["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout + done.stderr
-
-
-def ran(log: str) -> set[str]:
-    return {
-        line.split("'")[1] for line in log.splitlines() if "Running stage '" in line
-    }
+    return run(repo, "dvc", "repro")
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     repo = copy_repo(tmp_path_factory.mktemp("pipeline"))
-    edit_params(repo, task__limit=LIMIT)
+    edit_params(repo, {"task.limit": LIMIT})
     log = repro(repo)
-    assert ran(log) == {"fetch@len", "fetch@acc", "sweep", "report", "release", "audit"}
+    assert stages_run(log) == {
+        "fetch@len",
+        "fetch@acc",
+        "sweep",
+        "report",
+        "release",
+        "audit",
+    }
     return repo
 
 
@@ -141,20 +99,20 @@ def test_mlflow_has_a_child_run_per_weight_and_the_release(repo):
 
 
 def test_second_repro_runs_no_stage(repo):
-    assert ran(repro(repo)) == set()
+    assert stages_run(repro(repo)) == set()
 
 
 def test_eval_change_reruns_sweep_not_fetch(repo):
-    edit_params(repo, eval__max_gen_toks=150)
-    stages = ran(repro(repo))
+    edit_params(repo, {"eval.max_gen_toks": 150})
+    stages = stages_run(repro(repo))
     assert "sweep" in stages
     assert not stages & {"fetch@len", "fetch@acc"}
 
 
 def test_added_weight_evaluates_one_point(repo):
     weights = [i / 10 for i in range(11)] + [0.35]
-    edit_params(repo, sweep__weights=weights)
-    stages = ran(repro(repo))
+    edit_params(repo, {"sweep.weights": weights})
+    stages = stages_run(repro(repo))
     assert "sweep" in stages
     results = json.loads((repo / "reports/sweep/results.json").read_text())
     assert len(results) == 12
