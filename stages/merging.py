@@ -1,8 +1,7 @@
 """Linear-merge arithmetic (mergekit 0.1.5 `linear`, bit for bit) and pre-merge checks.
 
 `plan_merge` checks two checkpoints before anything is written; `stream_merge` merges
-them chunk by chunk from memory-mapped inputs into a writer.
-"""
+them chunk by chunk from memory-mapped inputs into a writer."""
 
 import logging
 import math

@@ -248,6 +248,7 @@ def write_release(
         out_dtype,
         normalize,
     )
+    start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -267,6 +268,7 @@ def write_release(
         (tmp / "README.md").write_text(card)
         _write_provenance(tmp, provs, weights, out_dtype, normalize, shard_hashes)
         _install(tmp, out)
+        log.info("merged in %.2f s: %s", time.perf_counter() - start, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         for c in ckpts:
