@@ -1,0 +1,1 @@
+"""The lm-eval task of the sweep (YAML + hooks), loaded through include_path."""
