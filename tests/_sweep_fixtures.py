@@ -61,6 +61,7 @@ def build_constituent(
     *,
     seed: int,
     eos_push: float,
+    newline_push: float = 0.0,
     tie: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
@@ -68,7 +69,8 @@ def build_constituent(
 
     Hidden dimension 0 is a constant carried unchanged through the residual stream, and
     the EOS row of lm_head reads it with weight `eos_push`: large positive ends every
-    response at once, large negative never ends one (untied models only).
+    response at once, large negative never ends one (untied models only);
+    `newline_push` does the same for the byte token of "\n".
     """
     tokenizer = build_tokenizer()
     config = Qwen2Config(
@@ -96,6 +98,8 @@ def build_constituent(
             model.lm_head.weight.normal_(0.0, 1.0)
             model.lm_head.weight[:, 0] = 0.0
             model.lm_head.weight[tokenizer.eos_token_id, 0] = eos_push
+            newline = tokenizer.convert_tokens_to_ids("Ċ")
+            model.lm_head.weight[newline, 0] = newline_push
     model.to(dtype)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

@@ -29,6 +29,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         # len ends every response at once; acc never ends one.
         "len": build_constituent(root / "len", seed=1, eos_push=20.0, dtype=BF16),
         "acc": build_constituent(root / "acc", seed=2, eos_push=-20.0, dtype=BF16),
+        "newline": build_constituent(
+            root / "newline", seed=5, eos_push=-20.0, newline_push=20.0, dtype=BF16
+        ),
         "tied_len": build_constituent(root / "tied_len", seed=3, eos_push=0, tie=True),
         "tied_acc": build_constituent(root / "tied_acc", seed=4, eos_push=0, tie=True),
         "eval": write_eval(root / "eval.jsonl"),
@@ -230,6 +233,18 @@ def test_points_count_tokens_from_generated_ids(swept) -> None:
     assert at[1.0]["truncation_rate"] == 0.0
     assert at[1.0]["mean_tokens"] == 1.0
     assert all(s["response"] == "" and s["tokens"] == 1 for s in samples[1.0])
+
+
+def test_blank_lines_do_not_stop_generation(world: dict[str, Path]) -> None:
+    # lm-eval's default `until` is ["\n\n"]: it would end this model's "\n\n\n..."
+    # after two tokens and grade an empty response.
+    points, samples = sweep.run_sweep(
+        make_params(world, [1.0]), world["newline"], world["acc"], world["root"] / "nl"
+    )
+    assert points[0]["truncation_rate"] == 1.0
+    assert {(s["response"], s["tokens"]) for s in samples[1.0]} == {
+        ("\n" * MAX_GEN, MAX_GEN)
+    }
 
 
 def test_points_carry_every_field_the_report_reads(swept) -> None:
