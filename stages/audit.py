@@ -12,8 +12,9 @@ import math
 import os
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,17 +45,38 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-# Elements per step of the recompute and the inference: bounds the fp32 workspace
-# (about 20 temporaries of this size) whatever the tensor size.
-CHUNK = 1 << 22
+# Same-size integers for the bit patterns, and the pattern of the smallest subnormal
+# with the sign bit set: x ^ it maps +0 to -min and -0 to +min.
+BITS = {
+    torch.bfloat16: (torch.int16, -32767),
+    torch.float16: (torch.int16, -32767),
+    torch.float32: (torch.int32, -(2**31) + 1),
+    torch.float64: (torch.int64, -(2**63) + 1),
+}
+# Elements per step of the recompute and the inference: a dozen fp32 temporaries of
+# this size stay in cache; 2^18 ran the inference 2.2x faster than 2^22 here (1 thread).
+CHUNK = 1 << 18
 # Tensors read ahead of need in a constituent whose tensor order differs from the
 # release's are held up to this many bytes, then dropped and read again when needed.
 PENDING_BYTES = 1 << 30
-# fp32 merge arithmetic (two products, a sum, a division) is off by at most a few fp32
-# ulps of |len| + |acc|; each element's interval is widened by this much.
-FP32_SLACK = 2.0**-21
+# fp32 merge arithmetic (a product, a fused multiply-add, a division, weights rounded
+# to fp32) is off by at most 2^-21 (|len| + |acc|) for w in [0, 1]. There
+# |len| + |acc| <= 2 |released| + 2 |len - acc|, and a half gap of a format with p
+# mantissa bits is at least 2^-(p+3) |released|; so each rounding interval widened by
+# 2^(p-16) of itself, plus 2^-19 in w, holds every w the arithmetic allows (2x margin).
+W_SLACK = 2.0**-19
+
+
+def half_out(dtype: torch.dtype) -> float:
+    """lerp weight from a value to its neighbour: the midpoint, pushed out."""
+    p = -round(math.log2(torch.finfo(dtype).eps))
+    return (1 + 2.0 ** (p - 16)) / 2
+
+
 # The w axis searched for the most-agreed weight when some elements disagree.
 W_RANGE = (-1.0, 2.0)
+# Bytes read but not yet hashed, at most.
+QUEUED = 256 << 20
 W_BINS = 1 << 15
 MAX_LISTED = 20
 
@@ -116,10 +138,44 @@ def read_header(f: Any, path: Path) -> tuple[bytes, list[Entry]]:
     return head + raw, entries
 
 
-def as_tensor(buf: bytearray, entry: Entry) -> torch.Tensor:
-    if not buf:
-        return torch.empty(entry.shape, dtype=entry.dtype)
-    return torch.frombuffer(buf, dtype=entry.dtype).reshape(entry.shape)
+def as_tensor(buf: torch.Tensor, entry: Entry) -> torch.Tensor:
+    return buf.view(entry.dtype).reshape(entry.shape)
+
+
+def read_exactly(f: Any, n: int, path: Path, at: int) -> torch.Tensor:
+    """`n` bytes from `f` into a fresh uninitialized buffer (bytearray zero-fills)."""
+    buf = torch.empty(n, dtype=torch.uint8)
+    got = f.readinto(buf.numpy()) if n else 0
+    if got != n:
+        raise AuditError(f"{path}: truncated at byte {at + got}")
+    return buf
+
+
+class Hasher:
+    """sha256 of a byte stream, computed on a background thread (hashlib lets go of
+    the GIL), one thread for all files, so the arithmetic keeps the other cores.
+    At most QUEUED bytes wait for it; reading waits beyond that."""
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-sha256")
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+        self.queue: deque[tuple[Future, int]] = deque()
+        self.queued = 0
+
+    def update(self, data: Any) -> None:
+        self.queue.append((self.pool.submit(self.sha.update, data), len(data)))
+        self.queued += len(data)
+        while self.queued > QUEUED:
+            done, n = self.queue.popleft()
+            done.result()
+            self.queued -= n
+
+    def hexdigest(self) -> str:
+        while self.queue:
+            self.queue.popleft()[0].result()
+        self.queued = 0
+        return self.sha.hexdigest()
 
 
 class Shard:
@@ -128,7 +184,7 @@ class Shard:
     def __init__(self, path: Path):
         self.path = path
         self.file = open(path, "rb")  # noqa: SIM115 (closed by finish())
-        self.sha = hashlib.sha256()
+        self.sha = Hasher()
         try:
             raw, self.entries = read_header(self.file, path)
         except AuditError:
@@ -141,12 +197,9 @@ class Shard:
         self.digest: str | None = None
         self.size = os.fstat(self.file.fileno()).st_size
 
-    def _read(self, n: int) -> bytearray:
-        buf = bytearray(n)
-        got = self.file.readinto(buf) if n else 0
-        if got != n:
-            raise AuditError(f"{self.path}: truncated at byte {self.pos + got}")
-        self.sha.update(buf)
+    def _read(self, n: int) -> torch.Tensor:
+        buf = read_exactly(self.file, n, self.path, self.pos)
+        self.sha.update(buf.numpy())
         self.pos += n
         self.bytes_read += n
         return buf
@@ -175,9 +228,8 @@ class Shard:
     def reread(self, entry: Entry) -> torch.Tensor:
         with open(self.path, "rb") as f:
             f.seek(entry.start)
-            buf = bytearray(entry.end - entry.start)
-            f.readinto(buf)
-        self.bytes_read += len(buf)
+            buf = read_exactly(f, entry.end - entry.start, self.path, entry.start)
+        self.bytes_read += buf.numel()
         return as_tensor(buf, entry)
 
 
@@ -319,21 +371,22 @@ class Mismatch:
     first_index: int | None = None
 
 
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if a.dtype.is_floating_point:
-        ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-        it = ints[a.element_size()]
-        return a.view(it) == b.view(it)
-    return a == b
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """Floats as same-size integers, so that NaN equals itself and -0 differs from 0."""
+    if t.dtype.is_floating_point:
+        return t.view(BITS[t.dtype][0])
+    return t
 
 
 def compare_chunk(
     got: torch.Tensor, want: torch.Tensor, offset: int, into: Mismatch
 ) -> None:
-    eq = same_bits(got, want)
-    bad = int(eq.numel() - eq.sum())
-    if not bad:
+    if want.dtype == got.dtype and torch.equal(as_bits(got), as_bits(want)):
         return
+    if want.dtype != got.dtype:
+        want = want.to(got.dtype)
+    eq = as_bits(got) == as_bits(want)
+    bad = int(eq.numel() - torch.count_nonzero(eq))
     if into.first_index is None:
         into.first_index = offset + int((~eq).nonzero()[0, 0])
     diff = (got[~eq].double() - want[~eq].double()).abs()
@@ -345,59 +398,98 @@ def compare_chunk(
 # Inference: which w makes released = round(w * len + (1 - w) * acc)?
 
 
-def half_gaps(r: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Half the distance from each value of `r` (exact in `dtype`) to its neighbours.
+def neighbours(
+    rl: torch.Tensor,
+    work: torch.Tensor,
+    *,
+    zeros: bool = True,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The representable values next to each element of `rl`, away from zero and
+    toward it (past zero for +-0), in the dtype of `work` (`rl` as that dtype).
 
-    Returns (down, up): every real in [r - down, r + up] rounds to r in `dtype`.
+    With zeros=False a bf16 zero's toward-neighbour may be NaN (a cheaper pass that
+    the caller redoes when a NaN shows).
     """
-    info = torch.finfo(dtype)
-    mantissa, exponent = torch.frexp(r)
-    bits = 1 - round(math.log2(info.eps))
-    ulp = torch.ldexp(torch.ones_like(r), exponent - bits)
-    tiny = info.smallest_normal * info.eps
-    ulp = torch.where(r == 0, tiny, ulp.clamp_min(tiny))
-    toward_zero = torch.where(mantissa.abs() == 0.5, (ulp / 2).clamp_min(tiny), ulp)
-    positive = r > 0
-    down = torch.where(positive, toward_zero, ulp) / 2
-    up = torch.where(positive | (r == 0), ulp, toward_zero) / 2
-    return down, up
+    if rl.dtype == torch.bfloat16 and work.dtype == torch.float32:
+        # A bf16 value is the top half of its fp32 pattern: one bf16 step is 2^16.
+        bits = work.view(torch.int32)
+        away, toward = out or (torch.empty_like(work), torch.empty_like(work))
+        torch.add(bits, 65536, out=away.view(torch.int32))
+        torch.sub(bits, 65536, out=toward.view(torch.int32))
+        if zeros:
+            toward = torch.where(work == 0, -away, toward)
+        return away, toward
+    ints, flip = BITS[rl.dtype]
+    bits = rl.view(ints)
+    away = (bits + 1).view(rl.dtype)
+    zero = (bits & -flip) == 0
+    toward = torch.where(zero, bits ^ flip, bits - 1).view(rl.dtype)
+    return away.to(work.dtype), toward.to(work.dtype)
 
 
 @dataclass
 class Intervals:
-    """The w interval of every element of one chunk with len != acc."""
+    """For each element of a chunk, the closed interval of w that explains it:
+    [-inf, inf] where len == acc == released, empty (at +-inf) where len == acc but
+    released differs."""
 
     lo: torch.Tensor
     hi: torch.Tensor
-    zero_bad: int  # elements with len == acc whose released value differs
+
+
+class Workspace:
+    """Preallocated chunk-sized temporaries: fresh ones cost page faults every chunk."""
+
+    def __init__(self, dtype: torch.dtype, n: int = CHUNK):
+        self.buf = torch.empty((7, n), dtype=dtype)
+
+    def take(self, m: int) -> list[torch.Tensor]:
+        return [row[:m] for row in self.buf]
 
 
 def chunk_intervals(
-    ln: torch.Tensor, ac: torch.Tensor, rl: torch.Tensor, work: torch.dtype
-) -> tuple[Intervals, tuple[float, float, float]]:
-    """Intervals and the least-squares sums (d.d, d.e, e.e) of one flat chunk."""
-    l32, a32, r32 = ln.to(work), ac.to(work), rl.to(work)
-    d = l32 - a32
-    e = r32 - a32
+    ln: torch.Tensor,
+    ac: torch.Tensor,
+    rl: torch.Tensor,
+    ws: Workspace,
+    *,
+    zeros: bool = True,
+) -> tuple[Intervals, tuple[float, float, float], tuple[torch.Tensor, torch.Tensor]]:
+    """Intervals (W_SLACK not yet applied), least-squares sums (d.d, d.e, e.e) and
+    the chunk of len and acc in the working dtype, all views into `ws`.
+
+    d = len - acc and e = released - acc. Released r stands for every real between
+    the midpoints to its neighbours; acc + w * d lands there for w in
+    (midpoint - acc) / d, in either order.
+    """
+    l32, a32, r32, d, e, t1, t2 = ws.take(rl.numel())
+    l32.copy_(ln), a32.copy_(ac), r32.copy_(rl)
+    torch.sub(l32, a32, out=d)
+    torch.sub(r32, a32, out=e)
     sums = (float(d @ d), float(d @ e), float(e @ e))
-    nz = d != 0
-    zero_bad = int((~nz & (e != 0)).sum())
-    d, e, r32 = d[nz], e[nz], r32[nz]
-    down, up = half_gaps(r32, rl.dtype)
-    slack = (l32[nz].abs() + a32[nz].abs()) * FP32_SLACK
-    t1 = (e - down - slack) / d
-    t2 = (e + up + slack) / d
-    return Intervals(torch.minimum(t1, t2), torch.maximum(t1, t2), zero_bad), sums
+    away, toward = neighbours(rl, r32, zeros=zeros, out=(t1, t2))
+    out = half_out(rl.dtype)
+    torch.lerp(r32, away, out, out=t1).sub_(a32).div_(d)
+    torch.lerp(r32, toward, out, out=t2).sub_(a32).div_(d)
+    lo = torch.minimum(t1, t2, out=e)
+    return Intervals(lo, torch.maximum(t1, t2, out=t1)), sums, (l32, a32)
+
+
+def work_dtype(rl: torch.Tensor) -> torch.dtype:
+    """fp32 holds bf16 and fp16 values and their midpoints exactly; fp32 needs fp64."""
+    return torch.float64 if rl.element_size() >= 4 else torch.float32
 
 
 def interval_chunks(
     ln: torch.Tensor, ac: torch.Tensor, rl: torch.Tensor
 ) -> Iterator[Intervals]:
-    work = torch.float64 if rl.element_size() >= 4 else torch.float32
+    ws = Workspace(work_dtype(rl))
     fl, fa, fr = ln.reshape(-1), ac.reshape(-1), rl.reshape(-1)
     for i in range(0, fr.numel(), CHUNK):
         s = slice(i, i + CHUNK)
-        yield chunk_intervals(fl[s], fa[s], fr[s], work)[0]
+        iv = chunk_intervals(fl[s], fa[s], fr[s], ws)[0]
+        yield Intervals(iv.lo.sub_(W_SLACK), iv.hi.add_(W_SLACK))
 
 
 def max_coverage(
@@ -472,7 +564,6 @@ def most_agreed(ln: torch.Tensor, ac: torch.Tensor, rl: torch.Tensor) -> float |
 class TensorFit:
     name: str
     numel: int
-    informative: int = 0
     lo: float = -math.inf
     hi: float = math.inf
     disagree: int = 0
@@ -480,6 +571,11 @@ class TensorFit:
     sde: float = 0.0
     see: float = 0.0
     agreed_at: float | None = None
+
+    @property
+    def informative(self) -> bool:
+        """Whether len and acc differ anywhere in this tensor."""
+        return self.sdd > 0
 
     @property
     def w_ls(self) -> float | None:
@@ -494,7 +590,7 @@ class TensorFit:
         return math.sqrt(max(ss, 0.0) / self.numel)
 
     def as_dict(self) -> dict[str, Any]:
-        finite = self.informative > 0 and self.lo <= self.hi
+        finite = self.informative and self.lo <= self.hi
         return {
             "elements": self.numel,
             "informative": self.informative,
@@ -532,37 +628,41 @@ def fit_and_compare(
     """Recompute (when weights are recorded) and fit one tensor, chunk by chunk."""
     mismatch = Mismatch() if recorded is not None else None
     fit = TensorFit(name, rl.numel()) if rl.dtype in FLOATS else None
-    work = torch.float64 if rl.element_size() >= 4 else torch.float32
+    ws = Workspace(work_dtype(rl))
     fl, fa, fr = ln.reshape(-1), ac.reshape(-1), rl.reshape(-1)
     for i in range(0, fr.numel(), CHUNK):
         s = slice(i, i + CHUNK)
-        if mismatch is not None:
-            want = linear_merge(
-                [fl[s], fa[s]], recorded, normalize=normalize, out_dtype=out_dtype
-            )
-            compare_chunk(fr[s], want, i, mismatch)
+        pair = [fl[s], fa[s]]
         if fit is not None:
-            iv, sums = chunk_intervals(fl[s], fa[s], fr[s], work)
+            iv, sums, cast = chunk_intervals(fl[s], fa[s], fr[s], ws, zeros=False)
+            lo, hi = float(iv.lo.max()), float(iv.hi.min())
+            if math.isnan(lo) or math.isnan(hi):
+                iv, sums, cast = chunk_intervals(fl[s], fa[s], fr[s], ws)
+                lo, hi = float(iv.lo.max()), float(iv.hi.min())
+            if ws.buf.dtype == torch.float32:
+                # bf16 -> fp32 is exact: merging the fp32 copies gives the same bits.
+                pair = list(cast)
             fit.sdd, fit.sde, fit.see = (
                 x + y for x, y in zip((fit.sdd, fit.sde, fit.see), sums, strict=True)
             )
-            fit.informative += iv.lo.numel()
-            fit.disagree += iv.zero_bad
-            if iv.lo.numel():
-                fit.lo = max(fit.lo, float(iv.lo.max()))
-                fit.hi = min(fit.hi, float(iv.hi.min()))
-    if fit is not None and fit.informative:
-        if fit.disagree or fit.lo > fit.hi:
-            zero_bad = fit.disagree
-            w = most_agreed(ln, ac, rl)
-            if w is None:
-                fit.lo, fit.hi, n = math.inf, -math.inf, 0
-            else:
-                fit.lo, fit.hi, n = agreement_at(w, ln, ac, rl)
-            fit.disagree = zero_bad + fit.informative - n
-            fit.agreed_at = w
-        else:
-            fit.agreed_at = (fit.lo + fit.hi) / 2
+            lo, hi = lo - W_SLACK, hi + W_SLACK
+            # NaN (a NaN weight) makes the tensor take the robust path, and fail there.
+            fit.lo = math.inf if math.isnan(lo) else max(fit.lo, lo)
+            fit.hi = -math.inf if math.isnan(hi) else min(fit.hi, hi)
+        if mismatch is not None:
+            want = linear_merge(
+                pair, recorded, normalize=normalize, out_dtype=out_dtype or ln.dtype
+            )
+            compare_chunk(fr[s], want, i, mismatch)
+    if fit is not None and fit.lo > fit.hi:
+        w = most_agreed(ln, ac, rl)
+        fit.lo, fit.hi, n = (
+            (math.inf, -math.inf, 0) if w is None else (agreement_at(w, ln, ac, rl))
+        )
+        fit.disagree = fit.numel - n
+        fit.agreed_at = w
+    elif fit is not None and fit.informative:
+        fit.agreed_at = (fit.lo + fit.hi) / 2
     return mismatch, fit
 
 
@@ -1011,7 +1111,13 @@ def audit(
     }
     release = Checkpoint(model_dir)
     consts = {n: Checkpoint(f) for n, f in folders.items() if f is not None}
-    scan = scan_tensors(release, consts, recorded, normalize, out_dtype)
+    # One core is the hashing thread's; torch's threads share the others.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+    try:
+        scan = scan_tensors(release, consts, recorded, normalize, out_dtype)
+    finally:
+        torch.set_num_threads(threads)
     hashed = {n: streamed_hashes(c) for n, c in consts.items()}
     released = streamed_hashes(release)
     scan.problems[:0] = release.problems + [

@@ -195,6 +195,33 @@ def test_release_stage_output_with_tied_acc_passes(tmp_path: Path) -> None:
     assert fits["lm_head.weight"]["disagreeing_elements"] == 0
 
 
+def test_exact_zeros_are_explained_and_a_changed_zero_is_caught(
+    tmp_path: Path,
+) -> None:
+    tl, ta = fx.rl_pair(drift=1.5e-5, seed=3)
+    for t in (tl, ta):
+        t["model.embed_tokens.weight"][:5] = 0.0  # unused vocabulary rows
+    t["model.embed_tokens.weight"][5, :3] = -0.0
+    pair = (
+        fx.write_constituent(tmp_path / "len", tl, "len"),
+        fx.write_constituent(tmp_path / "acc", ta, "acc"),
+    )
+    out = fx.write_release(*pair, tmp_path / "rel")
+    report = run_audit(out, pair)
+    assert statuses(report) == dict.fromkeys(A.CHECKS, "pass")
+    fx.flip_bit(out, "model.embed_tokens.weight", 7, 0)  # 0 -> smallest subnormal
+    fx.rehash(out)
+    report = run_audit(out, pair)
+    assert (
+        report["checks"]["recompute"]["mismatches"]["model.embed_tokens.weight"][
+            "first_flat_index"
+        ]
+        == 7
+    )
+    inf = report["checks"]["inference"]
+    assert inf["disagreeing_tensors"] == {"model.embed_tokens.weight": 1}
+
+
 def test_constituent_found_by_recorded_source(release: Path) -> None:
     report = A.audit(release)
     assert statuses(report) == dict.fromkeys(A.CHECKS, "pass")
@@ -241,23 +268,35 @@ def test_usage_errors_exit_2(
     assert not (release / "audit.json").exists()
 
 
-def test_half_gaps_are_halfway_to_the_bf16_neighbours() -> None:
-    values = torch.tensor(
-        [1.0, -1.0, 0.75, -0.75, 2.0**-20, -(2.0**-20), 3.0e-3, 1e-38, 0.0, 100.0],
-        dtype=torch.bfloat16,
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_neighbours_are_the_adjacent_representable_values(dtype: torch.dtype) -> None:
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    every = every.view(dtype)
+    finite = every[torch.isfinite(every)].double().unique()  # sorted; -0 == +0
+    picks = torch.tensor(
+        [
+            1.0,
+            -1.0,
+            0.75,
+            -0.75,
+            2.0**-14,
+            -(2.0**-20),
+            3.0e-3,
+            1e-38,
+            0.0,
+            -0.0,
+            100.0,
+        ],
+        dtype=dtype,
     )
-    down, up = A.half_gaps(values.float(), torch.bfloat16)
-    bits = values.view(torch.int16)
-    for i, v in enumerate(values.tolist()):
+    away, toward = A.neighbours(picks, picks.float())
+    for v, up, down in zip(picks.tolist(), away.tolist(), toward.tolist(), strict=True):
+        i = int(torch.searchsorted(finite, v))
+        below, above = finite[i - 1].item(), finite[i + 1].item()
         if v == 0:
-            tiny = torch.finfo(torch.bfloat16).smallest_normal * 2.0**-7
-            assert down[i] == up[i] == tiny / 2
-            continue
-        a = (bits[i : i + 1] - 1).view(torch.bfloat16).float().item()
-        b = (bits[i : i + 1] + 1).view(torch.bfloat16).float().item()
-        below, above = sorted((a, b))
-        assert down[i].item() == (v - below) / 2, v
-        assert up[i].item() == (above - v) / 2, v
+            assert {up, down} == {below, above}, v
+        else:
+            assert (up, down) == ((above, below) if v > 0 else (below, above)), v
 
 
 def test_out_of_order_reads_are_correct_and_counted(pair: tuple[Path, Path]) -> None:

@@ -1,0 +1,84 @@
+"""The audit's time against the merge's own, on the 1.5B-shaped release.
+
+`nice -n 5 python -m benchmarks.bench_audit [--root DIR] [--layers N --vocab V]`
+writes the release of benchmarks.realshape's two checkpoints with
+stages.release.write_release, audits it with stages.audit.audit, each in its own
+process, and prints wall and CPU seconds, peak RSS, bytes read per weight byte, ratio.
+"""
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.realshape import DEFAULT_ROOT, LAYERS, VOCAB, make_checkpoints
+
+
+def phase(name: str, root: Path) -> dict:
+    """Run one phase in this process; return its figures."""
+    len_dir, acc_dir, out = root / "len", root / "acc", root / "release"
+    wall, cpu = time.perf_counter(), time.process_time()
+    figures: dict = {}
+    if name == "merge":
+        from stages.release import write_release
+
+        shutil.rmtree(out, ignore_errors=True)
+        write_release(len_dir, acc_dir, 0.3, out)
+    else:
+        from stages.audit import audit
+
+        report = audit(out, len_dir=len_dir, acc_dir=acc_dir)
+        inference = report["checks"]["inference"]
+        figures = {
+            "statuses": {k: c["status"] for k, c in report["checks"].items()},
+            "read_per_byte": report["weight_bytes_read"] / report["weight_bytes"],
+            "weight_gb": report["weight_bytes"] / 1e9,
+            "verdict": inference["summary"],
+        }
+    return figures | {
+        "wall_s": time.perf_counter() - wall,
+        "cpu_s": time.process_time() - cpu,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+    }
+
+
+def run_phase(name: str, root: Path) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench_audit", "--phase", name]
+    done = subprocess.run(
+        [*cmd, "--root", str(root)], capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    p.add_argument("--layers", type=int, default=LAYERS)
+    p.add_argument("--vocab", type=int, default=VOCAB)
+    p.add_argument("--phase", choices=("merge", "audit"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.phase:
+        print(json.dumps(phase(args.phase, args.root)))
+        return
+    make_checkpoints(args.root, layers=args.layers, vocab=args.vocab)
+    merge = run_phase("merge", args.root)
+    audit = run_phase("audit", args.root)
+    for name, f in (("merge", merge), ("audit", audit)):
+        print(
+            f"{name:6s} {f['wall_s']:7.1f} s wall {f['cpu_s']:7.1f} s cpu "
+            f"peak RSS {f['peak_rss_gb']:5.2f} GB"
+        )
+    print(f"audit/merge wall time: {audit['wall_s'] / merge['wall_s']:.2f}")
+    print(
+        f"weights {audit['weight_gb']:.2f} GB, bytes read per byte "
+        f"{audit['read_per_byte']:.3f}; checks {audit['statuses']}"
+    )
+    print(f"inference: {audit['verdict']}")
+
+
+if __name__ == "__main__":
+    main()
