@@ -270,67 +270,93 @@ def _header_bytes(shard: list[TensorSpec]) -> bytes:
 
 
 class _Sink:
-    """Writes and hashes shard files, inline or on one background thread."""
+    """Writes shard files and hashes them: inline, or on two background threads.
+
+    In the background, one thread writes while the other hashes what was written:
+    both release the GIL, so the caller keeps computing the next chunk meanwhile.
+    """
 
     def __init__(self, background: bool) -> None:
         self.sha256: dict[Path, str] = {}
         self._f = None
         self._path: Path | None = None
         self._hash = None
+        self._hash_path: Path | None = None
         self._error: BaseException | None = None
-        self._queue: queue.Queue | None = None
+        self._threads: list[threading.Thread] = []
         if background:
-            self._queue = queue.Queue(maxsize=8)
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
+            self._write_q: queue.Queue = queue.Queue(maxsize=8)
+            self._hash_q: queue.Queue = queue.Queue(maxsize=8)
+            for target in (self._write_loop, self._hash_loop):
+                self._threads.append(threading.Thread(target=target, daemon=True))
+                self._threads[-1].start()
 
     def put(self, op: str, arg: object = None) -> None:
-        if self._queue is None:
-            self._do(op, arg)
+        if not self._threads:
+            self._write(op, arg)
+            self._digest(op, arg)
             return
         if self._error:
             raise self._error
-        self._queue.put((op, arg))
+        self._write_q.put((op, arg))
 
-    def _run(self) -> None:
+    def _write_loop(self) -> None:
         while True:
-            op, arg = self._queue.get()
+            op, arg = self._write_q.get()
+            if op != "stop" and self._error is None:
+                try:
+                    self._write(op, arg)
+                except BaseException as e:  # re-raised in the caller's thread
+                    self._error = e
+            self._hash_q.put((op, arg))
+            if op == "stop":
+                return
+
+    def _hash_loop(self) -> None:
+        while True:
+            op, arg = self._hash_q.get()
             if op == "stop":
                 return
             if self._error is None:
-                try:
-                    self._do(op, arg)
-                except BaseException as e:  # re-raised in the caller's thread
-                    self._error = e
+                self._digest(op, arg)
 
-    def _do(self, op: str, arg: object) -> None:
+    def _write(self, op: str, arg: object) -> None:
         if op in ("open", "close") and self._f:
             self._f.close()
-            self.sha256[self._path] = self._hash.hexdigest()
             self._f = None
         if op == "open":
-            self._path = arg
             self._f = open(arg, "wb")
-            self._hash = hashlib.sha256()
         elif op == "data":
             self._f.write(arg)
+
+    def _digest(self, op: str, arg: object) -> None:
+        if op in ("open", "close") and self._hash is not None:
+            self.sha256[self._hash_path] = self._hash.hexdigest()
+            self._hash = None
+        if op == "open":
+            self._hash_path, self._hash = arg, hashlib.sha256()
+        elif op == "data":
             self._hash.update(arg)
 
     def finish(self) -> None:
         self.put("close")
-        if self._queue is not None:
-            self._queue.put(("stop", None))
-            self._thread.join()
+        self._stop()
         if self._error:
             raise self._error
 
+    def _stop(self) -> None:
+        if self._threads:
+            self._write_q.put(("stop", None))
+            for t in self._threads:
+                t.join()
+            self._threads = []
+
     def abort(self) -> None:
-        if self._queue is not None and self._thread.is_alive():
-            self._error = self._error or RuntimeError("aborted")
-            self._queue.put(("stop", None))
-            self._thread.join()
+        self._error = self._error or RuntimeError("aborted")
+        self._stop()
         if self._f:
             self._f.close()
+            self._f = None
 
 
 class ShardedWriter:

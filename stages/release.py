@@ -230,6 +230,7 @@ def write_release(
     eval_table: dict | None = None,
 ) -> Path:
     """Merge `len` (share `weight`) with `acc` and write the release folder `out`."""
+    start = time.perf_counter()
     check_weight(weight, allow_out_of_range=allow_out_of_range)
     weights = {"len": weight, "acc": 1.0 - weight}
     dirs = {"len": len_dir, "acc": acc_dir}
@@ -248,7 +249,6 @@ def write_release(
         out_dtype,
         normalize,
     )
-    start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
