@@ -1,7 +1,7 @@
 """The audit's time against the merge's own, on the 1.5B-shaped release.
 
-`nice -n 5 python -m benchmarks.bench_audit [--root DIR] [--layers N --vocab V]`
-writes the release of benchmarks.realshape's two checkpoints with
+`nice -n 5 python -m benchmarks.bench_audit [--root DIR] [--out DIR] [--layers N
+--vocab V]` writes the release of benchmarks.realshape's two checkpoints (in ROOT) with
 stages.release.write_release, audits it with stages.audit.audit, each in its own
 process, and prints wall and CPU seconds, peak RSS, bytes read per weight byte, ratio.
 """
@@ -18,9 +18,27 @@ from pathlib import Path
 from benchmarks.realshape import DEFAULT_ROOT, LAYERS, VOCAB, make_checkpoints
 
 
-def phase(name: str, root: Path) -> dict:
+def constituents(root: Path, out: Path) -> Path:
+    """Hard links to ROOT/len and ROOT/acc plus provenance.json, as the fetch stage
+    leaves them (so that the merge, like the pipeline's, hashes no inputs)."""
+    from stages.hashing import write_json
+    from stages.release import constituent_provenance
+
+    for name in ("len", "acc"):
+        dest = out / "constituents" / name
+        if (dest / "provenance.json").exists():
+            continue
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        for f in (root / name).iterdir():
+            (dest / f.name).hardlink_to(f)
+        write_json(dest / "provenance.json", constituent_provenance(name, dest))
+    return out / "constituents"
+
+
+def phase(name: str, root: Path, out: Path) -> dict:
     """Run one phase in this process; return its figures."""
-    len_dir, acc_dir, out = root / "len", root / "acc", root / "release"
+    len_dir, acc_dir = root / "len", root / "acc"
     wall, cpu = time.perf_counter(), time.process_time()
     figures: dict = {}
     if name == "merge":
@@ -46,10 +64,13 @@ def phase(name: str, root: Path) -> dict:
     }
 
 
-def run_phase(name: str, root: Path) -> dict:
+def run_phase(name: str, root: Path, out: Path) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_audit", "--phase", name]
     done = subprocess.run(
-        [*cmd, "--root", str(root)], capture_output=True, text=True, check=True
+        [*cmd, "--root", str(root), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -57,16 +78,19 @@ def run_phase(name: str, root: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    p.add_argument("--out", type=Path, default=Path("/tmp/mergesweep-audit-bench"))
     p.add_argument("--layers", type=int, default=LAYERS)
     p.add_argument("--vocab", type=int, default=VOCAB)
     p.add_argument("--phase", choices=("merge", "audit"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.phase:
-        print(json.dumps(phase(args.phase, args.root)))
+        print(json.dumps(phase(args.phase, args.root, args.out / "release")))
         return
     make_checkpoints(args.root, layers=args.layers, vocab=args.vocab)
-    merge = run_phase("merge", args.root)
-    audit = run_phase("audit", args.root)
+    pair = constituents(args.root, args.out)
+    release = args.out / "release"
+    merge = run_phase("merge", pair, release)
+    audit = run_phase("audit", pair, release)
     for name, f in (("merge", merge), ("audit", audit)):
         print(
             f"{name:6s} {f['wall_s']:7.1f} s wall {f['cpu_s']:7.1f} s cpu "

@@ -616,6 +616,24 @@ def agreement_at(
     return lo, hi, n
 
 
+def fit_chunk(
+    fit: TensorFit, ln: torch.Tensor, ac: torch.Tensor, rl: torch.Tensor, ws: Workspace
+) -> list[torch.Tensor]:
+    """Fold one chunk into `fit` with torch arithmetic; return len, acc as worked."""
+    iv, sums, cast = chunk_intervals(ln, ac, rl, ws, zeros=False)
+    lo, hi = float(iv.lo.max()), float(iv.hi.min())
+    if math.isnan(lo) or math.isnan(hi):
+        iv, sums, cast = chunk_intervals(ln, ac, rl, ws)
+        lo, hi = float(iv.lo.max()), float(iv.hi.min())
+    fit.sdd, fit.sde, fit.see = (
+        x + y for x, y in zip((fit.sdd, fit.sde, fit.see), sums, strict=True)
+    )
+    # NaN (a NaN weight) sends the tensor down the robust path, to fail there.
+    fit.lo = math.inf if math.isnan(lo) else max(fit.lo, lo - W_SLACK)
+    fit.hi = -math.inf if math.isnan(hi) else min(fit.hi, hi + W_SLACK)
+    return list(cast)
+
+
 def fit_and_compare(
     name: str,
     rl: torch.Tensor,
@@ -628,27 +646,16 @@ def fit_and_compare(
     """Recompute (when weights are recorded) and fit one tensor, chunk by chunk."""
     mismatch = Mismatch() if recorded is not None else None
     fit = TensorFit(name, rl.numel()) if rl.dtype in FLOATS else None
-    ws = Workspace(work_dtype(rl))
     fl, fa, fr = ln.reshape(-1), ac.reshape(-1), rl.reshape(-1)
+    ws = Workspace(work_dtype(rl))
     for i in range(0, fr.numel(), CHUNK):
         s = slice(i, i + CHUNK)
         pair = [fl[s], fa[s]]
         if fit is not None:
-            iv, sums, cast = chunk_intervals(fl[s], fa[s], fr[s], ws, zeros=False)
-            lo, hi = float(iv.lo.max()), float(iv.hi.min())
-            if math.isnan(lo) or math.isnan(hi):
-                iv, sums, cast = chunk_intervals(fl[s], fa[s], fr[s], ws)
-                lo, hi = float(iv.lo.max()), float(iv.hi.min())
-            if ws.buf.dtype == torch.float32:
+            cast = fit_chunk(fit, fl[s], fa[s], fr[s], ws)
+            if cast[0].dtype == torch.float32:
                 # bf16 -> fp32 is exact: merging the fp32 copies gives the same bits.
-                pair = list(cast)
-            fit.sdd, fit.sde, fit.see = (
-                x + y for x, y in zip((fit.sdd, fit.sde, fit.see), sums, strict=True)
-            )
-            lo, hi = lo - W_SLACK, hi + W_SLACK
-            # NaN (a NaN weight) makes the tensor take the robust path, and fail there.
-            fit.lo = math.inf if math.isnan(lo) else max(fit.lo, lo)
-            fit.hi = -math.inf if math.isnan(hi) else min(fit.hi, hi)
+                pair = cast
         if mismatch is not None:
             want = linear_merge(
                 pair, recorded, normalize=normalize, out_dtype=out_dtype or ln.dtype
@@ -656,9 +663,8 @@ def fit_and_compare(
             compare_chunk(fr[s], want, i, mismatch)
     if fit is not None and fit.lo > fit.hi:
         w = most_agreed(ln, ac, rl)
-        fit.lo, fit.hi, n = (
-            (math.inf, -math.inf, 0) if w is None else (agreement_at(w, ln, ac, rl))
-        )
+        found = (math.inf, -math.inf, 0) if w is None else agreement_at(w, ln, ac, rl)
+        fit.lo, fit.hi, n = found
         fit.disagree = fit.numel - n
         fit.agreed_at = w
     elif fit is not None and fit.informative:
