@@ -189,12 +189,14 @@ class RecordingHFLM(HFLM):
     exactly one BOS, and room for max_gen_toks without truncating the prompt."""
 
     def __init__(self, *args: Any, eos_ids: frozenset[int], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
         self.eos_ids = eos_ids
         self.records: dict[str, list[Generation]] = defaultdict(list)
         self.generate_s = 0.0
         self.generate_total_s = 0.0
         self._contexts: list[str] = []
+        self._templated: dict[tuple[str, bool], str] = {}
+        self._encoded: dict[tuple[str, bool | None, int | None], list[int]] = {}
+        super().__init__(*args, **kwargs)
 
     def tok_batch_encode(
         self,
@@ -241,6 +243,34 @@ class RecordingHFLM(HFLM):
             )
             self.records[s].append(gen)
         return out
+
+    # lm-eval renders and encodes every prompt again at each point; the tokenizer and
+    # the prompts do not change within a sweep, so each is done once.
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        key = (json.dumps(chat_history, sort_keys=True), add_generation_prompt)
+        if key not in self._templated:
+            self._templated[key] = super().apply_chat_template(
+                chat_history, add_generation_prompt
+            )
+        return self._templated[key]
+
+    def tok_encode(
+        self,
+        string: str,
+        add_special_tokens: bool | None = None,
+        left_truncate_len: int | None = None,
+        **kwargs: Any,
+    ) -> list[int]:
+        if kwargs:
+            return super().tok_encode(
+                string, add_special_tokens, left_truncate_len, **kwargs
+            )
+        key = (string, add_special_tokens, left_truncate_len)
+        if key not in self._encoded:
+            self._encoded[key] = super().tok_encode(*key)
+        return list(self._encoded[key])
 
     def take(self, context: str) -> Generation:
         """The oldest unclaimed record of `context`: lm-eval keeps request order."""
@@ -454,14 +484,15 @@ class PointEvaluator:
     def evaluate(self, w: float) -> tuple[dict, list[dict]]:
         """The point at weight `w` and its samples; timing excludes the shared load."""
         start = time.perf_counter()
-        merge_into(
-            self.targets,
-            self.plan,
-            self.len_state,
-            self.acc_state,
-            w,
-            normalize=self.params.merge.normalize,
-        )
+        with cpu_threads(self.device, CPU_EVAL_THREADS):
+            merge_into(
+                self.targets,
+                self.plan,
+                self.len_state,
+                self.acc_state,
+                w,
+                normalize=self.params.merge.normalize,
+            )
         merged = time.perf_counter()
         self.seed()
         self.lm.generate_s = 0.0
