@@ -316,6 +316,35 @@ def test_deleting_the_cache_loses_only_time(swept, world: dict[str, Path]) -> No
     ]
 
 
+def test_a_corrupt_cache_entry_is_evaluated_again(
+    swept, world: dict[str, Path], tmp_path: Path
+) -> None:
+    points, _, cache = swept
+    copy = tmp_path / "cache"
+    copy.mkdir()
+    for f in cache.glob("*.json"):
+        (copy / f.name).write_bytes(f.read_bytes())
+    params = make_params(world, [0.0, 1.0])
+    key = sweep.point_key(sweep.sweep_inputs(params, world["len"], world["acc"]), 1.0)
+    (copy / f"{key}.json").write_text('{"format": "mergesweep-point/1", "ke')
+    again, _ = sweep.run_sweep(params, world["len"], world["acc"], copy)
+    assert [p["cached"] for p in again] == [True, False]
+    assert again[1]["mean_tokens"] == points[1]["mean_tokens"]
+    assert json.loads((copy / f"{key}.json").read_text())["key"] == key
+
+
+def test_provenance_manifest_is_used_only_when_it_matches(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    entry = {"sha256": "0" * 64, "size": 2}
+    prov = {"files": {"config.json": entry}}
+    (tmp_path / "provenance.json").write_text(json.dumps(prov))
+    assert sweep.constituent_files(tmp_path) == {"config.json": entry}
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    hashed = sweep.constituent_files(tmp_path)
+    assert hashed["config.json"]["size"] == 8
+    assert hashed["config.json"]["sha256"] != "0" * 64
+
+
 def test_outputs_replace_old_samples_and_leave_no_temporaries(
     swept, tmp_path: Path
 ) -> None:
