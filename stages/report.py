@@ -57,14 +57,23 @@ def point_at(points: list[dict], weight: float) -> dict | None:
     return next((p for p in points if abs(p["weight"] - weight) < 1e-9), None)
 
 
-def metrics(points: list[dict], release_weight: float) -> dict:
-    """DVC metrics: the released point, and every point keyed by its weight."""
-    pick = COLUMNS[1:]
-    out: dict = {"points": {}}
-    for p in points:
-        out["points"][f"w{p['weight']:.2f}"] = {k: p[k] for k in pick}
+def metrics(points: list[dict], front: list[dict], release_weight: float) -> dict:
+    """DVC metrics, small enough for `dvc exp show`: the released point, a summary."""
+    best = max(points, key=lambda p: (p["accuracy"], -p["mean_tokens"]))
+    out: dict = {
+        "sweep": {
+            "points": len(points),
+            "pareto_weights": sorted(p["weight"] for p in front),
+            "best_accuracy": best["accuracy"],
+            "best_accuracy_weight": best["weight"],
+            "mean_tokens_range": [
+                min(p["mean_tokens"] for p in points),
+                max(p["mean_tokens"] for p in points),
+            ],
+        }
+    }
     if (rel := point_at(points, release_weight)) is not None:
-        out["release"] = {"weight": rel["weight"], **{k: rel[k] for k in pick}}
+        out["release"] = {k: rel[k] for k in COLUMNS}
     return out
 
 
@@ -216,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "points.csv", points)
     write_csv(args.out / "pareto.csv", sorted(front, key=lambda p: p["weight"]))
-    write_json(args.out / "metrics.json", metrics(points, params.release.weight))
+    write_json(args.out / "metrics.json", metrics(points, front, params.release.weight))
     pngs = render_plots(points, front, args.out / "plots")
     md = markdown(points, front, params, pngs, args.markdown)
     tmp = args.markdown.with_name(f".{args.markdown.name}.tmp")

@@ -46,10 +46,13 @@ def test_points_csv_has_the_promised_columns(tmp_path):
 
 
 def test_metrics_pick_the_released_point():
-    m = report.metrics(POINTS, 0.5)
-    assert m["release"]["accuracy"] == 0.6
-    assert m["points"]["w0.70"]["mean_tokens"] == 40.0
-    assert "release" not in report.metrics(POINTS, 0.3)
+    front = report.pareto_front(POINTS)
+    m = report.metrics(POINTS, front, 0.5)
+    assert m["release"]["accuracy"] == 0.6 and m["release"]["weight"] == 0.5
+    assert m["sweep"]["best_accuracy_weight"] == 0.0
+    assert m["sweep"]["pareto_weights"] == [0.0, 0.5, 1.0]
+    assert m["sweep"]["mean_tokens_range"] == [8.0, 60.0]
+    assert "release" not in report.metrics(POINTS, front, 0.3)
 
 
 def test_metric_names_are_valid_for_mlflow():
