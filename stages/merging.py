@@ -110,6 +110,8 @@ class TensorJob:
 
 @dataclass(frozen=True)
 class MergePlan:
+    """The checked tensors to merge, the output dtype and the tied constituents."""
+
     jobs: tuple[TensorJob, ...]
     dtype: torch.dtype
     tied: tuple[str, ...]
@@ -133,7 +135,7 @@ def _check_embeddings(ckpts: Sequence[Checkpoint]) -> None:
 
 def _source_names(
     ckpts: Sequence[Checkpoint],
-) -> tuple[dict[str, tuple[str, str]], list]:
+) -> tuple[dict[str, tuple[str, str]], list[str]]:
     """Output name -> (len name, acc name), mapping a tied lm_head to the embeddings."""
     names = [set(c.tensors) for c in ckpts]
     tied = [NAMES[i] for i, n in enumerate(names) if LM_HEAD not in n and EMBED in n]

@@ -98,8 +98,10 @@ def _set_json_value(raw: str, key: str, value: object, expected: dict) -> str:
 
 
 def edit_config(raw: str, dtype: str, *, untie: bool = False) -> str:
-    """The donor's config.json text with only `dtype`/`torch_dtype` (and when the
-    release gains an lm_head, `tie_word_embeddings`) changed; no re-serialization."""
+    """The donor's config.json text with only its dtype values replaced, in place.
+
+    `untie` also sets `tie_word_embeddings` to false: the release gained an lm_head.
+    """
     config = json.loads(raw)
     changes = {k: dtype for k in ("dtype", "torch_dtype") if k in config}
     if untie and config.get("tie_word_embeddings"):
