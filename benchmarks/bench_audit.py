@@ -84,7 +84,7 @@ def main() -> None:
     p.add_argument("--phase", choices=("merge", "audit"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.phase:
-        print(json.dumps(phase(args.phase, args.root, args.out / "release")))
+        print(json.dumps(phase(args.phase, args.root, args.out)))
         return
     make_checkpoints(args.root, layers=args.layers, vocab=args.vocab)
     pair = constituents(args.root, args.out)
