@@ -241,7 +241,8 @@ def write_release(
     plan = plan_merge(ckpts, dtype=dtype_from_name(dtype) if dtype else None)
     out_dtype = dtype_name(plan.dtype)
     log.info(
-        "merging %s (w=%g) and %s (w=%g): %d tensors, %.2f GB of %s, normalize=%s",
+        "merging %s (w=%g) and %s (w=%g) on cpu: %d tensors, %.2f GB of %s, "
+        "normalize=%s",
         len_dir,
         weights["len"],
         acc_dir,
@@ -411,4 +412,8 @@ def main(argv: list[str] | None = None) -> Path:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main()
+    try:
+        main()
+    except (MergeError, CheckpointError) as e:
+        log.error("release refused: %s", e)
+        sys.exit(1)

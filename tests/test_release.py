@@ -59,6 +59,14 @@ def test_one_tied_constituent_matches_mergekit(
     _mergekit_agrees(rel, tmp_path)
 
 
+def test_both_tied_stays_tied_and_matches_mergekit(tiny: dict, tmp_path: Path):
+    rel = R.write_release(tiny["len_tied"], tiny["acc_tied"], 0.3, tmp_path / "rel")
+    assert LM_HEAD not in Checkpoint(rel).tensors
+    donor = (tiny["acc_tied"] / "config.json").read_text()
+    assert (rel / "config.json").read_text() == donor
+    _mergekit_agrees(rel, tmp_path)
+
+
 def test_mixed_dtypes_refused_unless_dtype_given(tiny: dict, tmp_path: Path) -> None:
     with pytest.raises(MergeError, match="len has float32, acc has bfloat16"):
         R.write_release(tiny["len_f32"], tiny["acc"], 0.3, tmp_path / "rel")
