@@ -127,7 +127,7 @@ def _check_overlap(path: Path, infos: Iterable[TensorInfo]) -> None:
 
 
 class Checkpoint:
-    """A model folder's safetensors weights, opened read-only and memory-mapped."""
+    """A model folder's safetensors weights, memory-mapped copy-on-write."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
