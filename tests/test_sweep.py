@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _sweep_fixtures import build_constituent, build_tokenizer, params_dict, write_eval
+from _sweep_fixtures import (
+    PROBLEMS,
+    build_constituent,
+    build_tokenizer,
+    params_dict,
+    write_eval,
+)
 
 from stages import sweep
 from stages.checkpoint import Checkpoint
@@ -245,6 +251,33 @@ def test_blank_lines_do_not_stop_generation(world: dict[str, Path]) -> None:
     assert {(s["response"], s["tokens"]) for s in samples[1.0]} == {
         ("\n" * MAX_GEN, MAX_GEN)
     }
+
+
+def test_datasets_are_split_and_pooled(world: dict[str, Path], tmp_path: Path) -> None:
+    # The same problems under two names: identical prompts in two lm-eval tasks.
+    small = write_eval(tmp_path / "small.jsonl", PROBLEMS[:2])
+    raw = params_dict({"toy": str(world["eval"]), "dup": str(small)}, max_gen_toks=3)
+    raw["sweep"]["weights"] = [0.0]
+    points, samples = sweep.run_sweep(
+        parse_params(raw), world["len"], world["acc"], tmp_path / "cache"
+    )
+    p = points[0]
+    assert (p["n"], p["datasets"]["toy"]["n"], p["datasets"]["dup"]["n"]) == (8, 6, 2)
+    assert p["lm_eval"]["exact_match,none"] == p["accuracy"] == 0.0
+    assert p["datasets"]["dup"]["lm_eval"] == {
+        "exact_match,none": 0.0,
+        "formatted,none": 0.0,
+    }
+    assert [s["dataset"] for s in samples[0.0]] == ["toy"] * 6 + ["dup"] * 2
+    assert all(s["tokens"] == 3 and s["truncated"] for s in samples[0.0])
+
+
+def test_pooled_metrics_weigh_datasets_by_size() -> None:
+    per = {
+        "a": {"n": 6, "lm_eval": {"exact_match,none": 0.5, "only_a,none": 1.0}},
+        "b": {"n": 2, "lm_eval": {"exact_match,none": 1.0}},
+    }
+    assert sweep.pooled(per) == {"exact_match,none": 0.625}
 
 
 def test_points_carry_every_field_the_report_reads(swept) -> None:
