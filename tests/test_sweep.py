@@ -253,11 +253,14 @@ def test_blank_lines_do_not_stop_generation(world: dict[str, Path]) -> None:
     }
 
 
-def test_datasets_are_split_and_pooled(world: dict[str, Path], tmp_path: Path) -> None:
+def test_datasets_are_split_and_pooled_with_a_system_prompt(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
     # The same problems under two names: identical prompts in two lm-eval tasks.
     small = write_eval(tmp_path / "small.jsonl", PROBLEMS[:2])
     raw = params_dict({"toy": str(world["eval"]), "dup": str(small)}, max_gen_toks=3)
     raw["sweep"]["weights"] = [0.0]
+    raw["task"]["system_prompt"] = "Be brief."
     points, samples = sweep.run_sweep(
         parse_params(raw), world["len"], world["acc"], tmp_path / "cache"
     )
@@ -270,6 +273,8 @@ def test_datasets_are_split_and_pooled(world: dict[str, Path], tmp_path: Path) -
     }
     assert [s["dataset"] for s in samples[0.0]] == ["toy"] * 6 + ["dup"] * 2
     assert all(s["tokens"] == 3 and s["truncated"] for s in samples[0.0])
+    prompt = "<|bos|>Be brief.<|User|>What is 2 + 3?<|Assistant|><think>\n"
+    assert samples[0.0][0]["prompt"] == samples[0.0][6]["prompt"] == prompt
 
 
 def test_pooled_metrics_weigh_datasets_by_size() -> None:
