@@ -67,19 +67,12 @@ PENDING_BYTES = 1 << 30
 # mantissa bits is at least 2^-(p+3) |released|; so each rounding interval widened by
 # 2^(p-16) of itself, plus 2^-19 in w, holds every w the arithmetic allows (2x margin).
 W_SLACK = 2.0**-19
-
-
-def half_out(dtype: torch.dtype) -> float:
-    """lerp weight from a value to its neighbour: the midpoint, pushed out."""
-    p = -round(math.log2(torch.finfo(dtype).eps))
-    return (1 + 2.0 ** (p - 16)) / 2
-
-
-# The w axis searched for the most-agreed weight when some elements disagree.
+# The w axis (and its bins) searched for the most-agreed w when elements disagree.
 W_RANGE = (-1.0, 2.0)
+W_BINS = 1 << 15
 # Bytes read but not yet hashed, at most.
 QUEUED = 256 << 20
-W_BINS = 1 << 15
+# Names listed in a summary line, at most (the JSON report has them all).
 MAX_LISTED = 20
 
 
@@ -138,10 +131,6 @@ def read_header(f: Any, path: Path) -> tuple[bytes, list[Entry]]:
         if cur.start < prev.end:
             raise AuditError(f"{path}: tensors {prev.name} and {cur.name} overlap")
     return head + raw, entries
-
-
-def as_tensor(buf: torch.Tensor, entry: Entry) -> torch.Tensor:
-    return buf.view(entry.dtype).reshape(entry.shape)
 
 
 def tensor_at(data: memoryview, entry: Entry) -> torch.Tensor:
@@ -247,7 +236,7 @@ def shard_names(folder: Path) -> tuple[list[str], dict[str, str], list[str]]:
     return names, {}, []
 
 
-class Checkpoint:
+class WeightStream:
     """A model folder's tensors as one stream over its shards, in file order.
 
     Tensors asked for out of file order are found by reading ahead; what is read
@@ -256,7 +245,6 @@ class Checkpoint:
 
     def __init__(self, folder: Path, *, pending_bytes: int = PENDING_BYTES):
         self.folder = folder
-        self.problems: list[str] = []
         names, self.index, self.problems = shard_names(folder)
         self.shards: list[Shard] = []
         self.missing: list[str] = []
@@ -386,6 +374,8 @@ def compare_chunk(
         want = want.to(got.dtype)
     eq = as_bits(got) == as_bits(want)
     bad = int(eq.numel() - torch.count_nonzero(eq))
+    if not bad:
+        return
     if into.first_index is None:
         into.first_index = offset + int((~eq).nonzero()[0, 0])
     diff = (got[~eq].double() - want[~eq].double()).abs()
@@ -395,6 +385,12 @@ def compare_chunk(
 
 
 # Inference: which w makes released = round(w * len + (1 - w) * acc)?
+
+
+def half_out(dtype: torch.dtype) -> float:
+    """lerp weight from a value to its neighbour: the midpoint, pushed out."""
+    p = -round(math.log2(torch.finfo(dtype).eps))
+    return (1 + 2.0 ** (p - 16)) / 2
 
 
 def neighbours(
@@ -542,17 +538,18 @@ def most_agreed(ln: torch.Tensor, ac: torch.Tensor, rl: torch.Tensor) -> float |
             return best_w
         bins = (open_bound == top).nonzero().flatten()[:64]
         done[bins] = True
-        lows: dict[int, list[torch.Tensor]] = {int(b): [] for b in bins}
-        highs: dict[int, list[torch.Tensor]] = {int(b): [] for b in bins}
+        ends: list[list[torch.Tensor]] = [[], [], [], []]  # lo bin, lo, hi bin, hi
         for iv in interval_chunks(ln, ac, rl):
-            li, hj = bin_index(iv.lo), bin_index(iv.hi)
-            for b in lows:
-                lows[b].append(iv.lo[li == b])
-                highs[b].append(iv.hi[hj == b])
+            for k, x in ((0, iv.lo), (2, iv.hi)):
+                idx = bin_index(x)
+                keep = torch.isin(idx, bins)
+                ends[k].append(idx[keep])
+                ends[k + 1].append(x[keep])
+        lo_bin, lo, hi_bin, hi = (torch.cat(e) for e in ends)
         width = (W_RANGE[1] - W_RANGE[0]) / W_BINS
-        for b in lows:
+        for b in bins.tolist():
             base = int(lo_before[b] - hi_before[b])
-            w, n = max_coverage(torch.cat(lows[b]), torch.cat(highs[b]), base)
+            w, n = max_coverage(lo[lo_bin == b], hi[hi_bin == b], base)
             if w is None:
                 w = W_RANGE[0] + (b - 1) * width
             if n > best_n:
@@ -855,7 +852,7 @@ class Scan:
     unseen: list[str] = field(default_factory=list)
 
 
-def source_tensor(c: Checkpoint, name: str) -> torch.Tensor | None:
+def source_tensor(c: WeightStream, name: str) -> torch.Tensor | None:
     """The constituent's tensor for a release tensor; a tied lm_head is the embeddings
     (as stages.merging pairs them), kept in memory since they are needed again."""
     if name == LM_HEAD and LM_HEAD not in c.names and EMBED in c.names:
@@ -881,8 +878,8 @@ def pair_problem(
 
 
 def scan_tensors(
-    release: Checkpoint,
-    constituents: dict[str, Checkpoint],
+    release: WeightStream,
+    constituents: dict[str, WeightStream],
     recorded: tuple[float, float] | None,
     normalize: bool,
     out_dtype: torch.dtype | None,
@@ -920,7 +917,7 @@ def scan_tensors(
     if len(constituents) == 2:
         done = {f.name for f in scan.fits} | set(scan.mismatches)
         expected = set(release.index) | release.names
-        scan.unseen = sorted(expected - done - {n for n in expected if n in skipped})
+        scan.unseen = sorted(expected - done - skipped)
     for who, c in constituents.items():
         extra = sorted(c.names - release.names - release.unavailable)
         if extra:
@@ -1091,10 +1088,6 @@ def locate(prov: dict | None, name: str, given: Path | None) -> Path | None:
     return None
 
 
-def streamed_hashes(c: Checkpoint) -> dict[str, str]:
-    return {name: digest for name, digest in c.finish().items()}
-
-
 def audit(
     model_dir: Path, *, len_dir: Path | None = None, acc_dir: Path | None = None
 ) -> dict:
@@ -1114,8 +1107,8 @@ def audit(
         "len": locate(prov, "len", len_dir and Path(len_dir)),
         "acc": locate(prov, "acc", acc_dir and Path(acc_dir)),
     }
-    release = Checkpoint(model_dir)
-    consts = {n: Checkpoint(f) for n, f in folders.items() if f is not None}
+    release = WeightStream(model_dir)
+    consts = {n: WeightStream(f) for n, f in folders.items() if f is not None}
     # One core is the hashing thread's; torch's threads share the others.
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
@@ -1123,8 +1116,8 @@ def audit(
         scan = scan_tensors(release, consts, recorded, normalize, out_dtype)
     finally:
         torch.set_num_threads(threads)
-    hashed = {n: streamed_hashes(c) for n, c in consts.items()}
-    released = streamed_hashes(release)
+    hashed = {n: c.finish() for n, c in consts.items()}
+    released = release.finish()
     scan.problems[:0] = release.problems + [
         f"{n}: {p}" for n, c in consts.items() for p in c.problems
     ]

@@ -302,7 +302,7 @@ def test_neighbours_are_the_adjacent_representable_values(dtype: torch.dtype) ->
 def test_out_of_order_reads_are_correct_and_counted(pair: tuple[Path, Path]) -> None:
     tensors = load_file(str(pair[0] / "model.safetensors"))
     for cap, reread in ((A.PENDING_BYTES, False), (0, True)):
-        ckpt = A.Checkpoint(pair[0], pending_bytes=cap)
+        ckpt = A.WeightStream(pair[0], pending_bytes=cap)
         for name in sorted(tensors, reverse=True):
             assert torch.equal(ckpt.get(name), tensors[name]), name
         ckpt.finish()
