@@ -42,6 +42,7 @@ from stages.merging import (
     plan_merge,
     stream_merge,
 )
+from stages.params import Params, ParamsError, load_params, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -329,8 +330,6 @@ def _say(message: str) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     """`mergesweep merge ...`: 0 when written, 2 on bad usage, 1 on a refused merge."""
-    from stages.params import ParamsError, parse_size
-
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:
@@ -386,8 +385,6 @@ def eval_row(results: Path, weight: float) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from stages.params import load_params
-
     p = argparse.ArgumentParser(description=__doc__)
     for flag in ("--len", "--acc", "--results", "--out"):
         p.add_argument(flag, type=Path, required=True)
@@ -396,6 +393,7 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = load_params(args.params)
     start = time.perf_counter()
+    row = eval_row(args.results, params.release.weight)
     out = write_release(
         args.len,
         args.acc,
@@ -404,10 +402,36 @@ def main(argv: list[str] | None = None) -> Path:
         dtype=params.merge.dtype,
         normalize=params.merge.normalize,
         shard_size=params.release.shard_size,
-        eval_table=eval_row(args.results, params.release.weight),
+        eval_table=row,
     )
     _log_done(out, start)
+    register(out, params, row)
     return out
+
+
+def register(out: Path, params: Params, row: dict | None) -> None:
+    """Log the release to MLflow and register it as `release.name`@released."""
+    from stages import tracking
+
+    prov = json.loads((out / "provenance.json").read_text())
+    revisions = {
+        name: c["resolved_revision"] for name, c in prov["constituents"].items()
+    }
+    keys = [k for k, _ in modelcard.EVAL_COLUMNS]
+    metrics = {k: float(row[k]) for k in keys if k in (row or {})}
+    tracking.register_release(
+        params.mlflow.experiment,
+        params.release.name,
+        out,
+        {
+            "weight.len": prov["weights"]["len"],
+            "weight.acc": prov["weights"]["acc"],
+            "dtype": prov["dtype"],
+            "normalize": prov["normalize"],
+        },
+        metrics,
+        tracking.run_tags(revisions),
+    )
 
 
 if __name__ == "__main__":
