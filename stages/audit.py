@@ -146,6 +146,10 @@ def tensor_at(data: memoryview, entry: Entry) -> torch.Tensor:
     return raw.view(entry.dtype).reshape(entry.shape)
 
 
+# The recompute of a tensor runs on this thread while the main one fits it.
+RECOMPUTE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-recompute")
+
+
 class Hasher:
     """sha256 of a byte stream, computed on a background thread (hashlib lets go of
     the GIL), one thread for all files, so the arithmetic keeps the other cores.
@@ -450,9 +454,9 @@ def chunk_intervals(
     ws: Workspace,
     *,
     zeros: bool = True,
-) -> tuple[Intervals, tuple[float, float, float], tuple[torch.Tensor, torch.Tensor]]:
-    """Intervals (W_SLACK not yet applied), least-squares sums (d.d, d.e, e.e) and
-    the chunk of len and acc in the working dtype, all views into `ws`.
+) -> tuple[Intervals, tuple[float, float, float]]:
+    """Intervals (W_SLACK not yet applied, views into `ws`) and least-squares sums
+    (d.d, d.e, e.e) of one chunk.
 
     d = len - acc and e = released - acc. Released r stands for every real between
     the midpoints to its neighbours; acc + w * d lands there for w in
@@ -468,7 +472,7 @@ def chunk_intervals(
     torch.lerp(r32, away, out, out=t1).sub_(a32).div_(d)
     torch.lerp(r32, toward, out, out=t2).sub_(a32).div_(d)
     lo = torch.minimum(t1, t2, out=e)
-    return Intervals(lo, torch.maximum(t1, t2, out=t1)), sums, (l32, a32)
+    return Intervals(lo, torch.maximum(t1, t2, out=t1)), sums
 
 
 def work_dtype(rl: torch.Tensor) -> torch.dtype:
@@ -614,12 +618,12 @@ def agreement_at(
 
 def fit_chunk(
     fit: TensorFit, ln: torch.Tensor, ac: torch.Tensor, rl: torch.Tensor, ws: Workspace
-) -> list[torch.Tensor]:
-    """Fold one chunk into `fit` with torch arithmetic; return len, acc as worked."""
-    iv, sums, cast = chunk_intervals(ln, ac, rl, ws, zeros=False)
+) -> None:
+    """Fold one chunk into `fit`."""
+    iv, sums = chunk_intervals(ln, ac, rl, ws, zeros=False)
     lo, hi = float(iv.lo.max()), float(iv.hi.min())
     if math.isnan(lo) or math.isnan(hi):
-        iv, sums, cast = chunk_intervals(ln, ac, rl, ws)
+        iv, sums = chunk_intervals(ln, ac, rl, ws)
         lo, hi = float(iv.lo.max()), float(iv.hi.min())
     fit.sdd, fit.sde, fit.see = (
         x + y for x, y in zip((fit.sdd, fit.sde, fit.see), sums, strict=True)
@@ -627,45 +631,47 @@ def fit_chunk(
     # NaN (a NaN weight) sends the tensor down the robust path, to fail there.
     fit.lo = math.inf if math.isnan(lo) else max(fit.lo, lo - W_SLACK)
     fit.hi = -math.inf if math.isnan(hi) else min(fit.hi, hi + W_SLACK)
-    return list(cast)
 
 
-def fit_and_compare(
-    name: str,
-    rl: torch.Tensor,
-    ln: torch.Tensor,
-    ac: torch.Tensor,
-    recorded: tuple[float, float] | None,
-    normalize: bool,
-    out_dtype: torch.dtype | None,
-) -> tuple[Mismatch | None, TensorFit | None]:
-    """Recompute (when weights are recorded) and fit one tensor, chunk by chunk."""
-    mismatch = Mismatch() if recorded is not None else None
-    fit = TensorFit(name, rl.numel()) if rl.dtype in FLOATS else None
+def fit_tensor(
+    name: str, rl: torch.Tensor, ln: torch.Tensor, ac: torch.Tensor
+) -> TensorFit:
+    """The interval of w that explains every element, or the most-agreed w."""
+    fit = TensorFit(name, rl.numel())
     fl, fa, fr = ln.reshape(-1), ac.reshape(-1), rl.reshape(-1)
     ws = Workspace(work_dtype(rl))
     for i in range(0, fr.numel(), CHUNK):
         s = slice(i, i + CHUNK)
-        pair = [fl[s], fa[s]]
-        if fit is not None:
-            cast = fit_chunk(fit, fl[s], fa[s], fr[s], ws)
-            if cast[0].dtype == torch.float32:
-                # bf16 -> fp32 is exact: merging the fp32 copies gives the same bits.
-                pair = cast
-        if mismatch is not None:
-            want = linear_merge(
-                pair, recorded, normalize=normalize, out_dtype=out_dtype or ln.dtype
-            )
-            compare_chunk(fr[s], want, i, mismatch)
-    if fit is not None and fit.lo > fit.hi:
+        fit_chunk(fit, fl[s], fa[s], fr[s], ws)
+    if fit.lo > fit.hi:
         w = most_agreed(ln, ac, rl)
         found = (math.inf, -math.inf, 0) if w is None else agreement_at(w, ln, ac, rl)
         fit.lo, fit.hi, n = found
         fit.disagree = fit.numel - n
         fit.agreed_at = w
-    elif fit is not None and fit.informative:
+    elif fit.informative:
         fit.agreed_at = (fit.lo + fit.hi) / 2
-    return mismatch, fit
+    return fit
+
+
+def recompute(
+    rl: torch.Tensor,
+    ln: torch.Tensor,
+    ac: torch.Tensor,
+    weights: tuple[float, float],
+    normalize: bool,
+    out_dtype: torch.dtype,
+) -> Mismatch:
+    """Compare one tensor with the merge at `weights` (the shared kernel), by chunks."""
+    found = Mismatch()
+    fl, fa, fr = ln.reshape(-1), ac.reshape(-1), rl.reshape(-1)
+    for i in range(0, fr.numel(), CHUNK):
+        s = slice(i, i + CHUNK)
+        want = linear_merge(
+            [fl[s], fa[s]], weights, normalize=normalize, out_dtype=out_dtype
+        )
+        compare_chunk(fr[s], want, i, found)
+    return found
 
 
 # The checks. Each returns {"status": pass|fail|skip, "summary": words, ...details}.
@@ -903,9 +909,15 @@ def scan_tensors(
             recorded_here = None
         else:
             recorded_here = recorded
-        mismatch, fit = fit_and_compare(
-            name, rl, got["len"], got["acc"], recorded_here, normalize, out_dtype
+        pending = None
+        if recorded_here is not None:
+            dtype = out_dtype or got["len"].dtype
+            args = (rl, got["len"], got["acc"], recorded_here, normalize, dtype)
+            pending = RECOMPUTE.submit(recompute, *args)
+        fit = (
+            fit_tensor(name, rl, got["len"], got["acc"]) if rl.dtype in FLOATS else None
         )
+        mismatch = pending.result() if pending is not None else None
         scan.compared += 1
         if fit is None:
             skipped.add(name)
@@ -1109,9 +1121,10 @@ def audit(
     }
     release = WeightStream(model_dir)
     consts = {n: WeightStream(f) for n, f in folders.items() if f is not None}
-    # One core is the hashing thread's; torch's threads share the others.
+    # Three threads work at once (fit, recompute, sha256): torch's threads are shared
+    # out so as not to oversubscribe the cores.
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+    torch.set_num_threads(max(1, min(threads, ((os.cpu_count() or 2) - 1) // 2)))
     try:
         scan = scan_tensors(release, consts, recorded, normalize, out_dtype)
     finally:
