@@ -1250,9 +1250,14 @@ def release_tags(report: dict) -> dict[str, str]:
 def tag_release(model_dir: Path, report: dict) -> None:
     """Put the verdict on the release's registered MLflow model version, if any."""
     try:
-        from stages.tracking import tag_release_version
+        from stages.tracking import tag_release_version, tracking_uri
     except ImportError as e:
         log.warning("not tagging the MLflow model version: %s", e)
+        return
+    store = tracking_uri()
+    if store.startswith("sqlite:///") and not Path(store[len("sqlite:///") :]).exists():
+        # Opening a missing store creates it: there is no release registered there.
+        log.warning("not tagging %s: no MLflow store at %s", model_dir.name, store)
         return
     from mlflow.exceptions import MlflowException
 
@@ -1269,7 +1274,7 @@ def main(argv: list[str] | None = None) -> None:
     code, report = run(argv)
     if report is not None:
         log.info(
-            "audited %s: %.2f GB of weights, %.2f GB read, %.1f s, peak RSS %.2f GB",
+            "audited %s: %.3g GB of weights, %.3g GB read, %.1f s, peak RSS %.2f GB",
             report["model_dir"],
             report["weight_bytes"] / 1e9,
             report["weight_bytes_read"] / 1e9,
