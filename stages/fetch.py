@@ -14,7 +14,7 @@ from pathlib import Path
 from stages import modelfiles
 from stages.hashing import manifest, manifest_id, sha256_file, write_json
 from stages.lockfile import Pin, read_lock
-from stages.params import Constituent, load_params
+from stages.params import Constituent, load_params_or_exit
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     start = time.perf_counter()
-    params = load_params(args.params)
+    params = load_params_or_exit(args.params)
     c = params.constituents[args.name]
     pin = read_lock(LOCK).get(args.name)
     prov = fetch(args.name, c, pin, args.out)

@@ -316,3 +316,11 @@ def load_params(path: Path = Path("params.yaml")) -> Params:
         return parse_params(raw)
     except ParamsError as e:
         raise ParamsError(f"{path}: {e}") from None
+
+
+def load_params_or_exit(path: Path = Path("params.yaml")) -> Params:
+    """For stage entry points: a bad params file ends the run with its message alone."""
+    try:
+        return load_params(path)
+    except ParamsError as e:
+        raise SystemExit(f"error: {e}") from None

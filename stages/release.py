@@ -42,7 +42,7 @@ from stages.merging import (
     plan_merge,
     stream_merge,
 )
-from stages.params import Params, ParamsError, load_params, parse_size
+from stages.params import Params, ParamsError, load_params_or_exit, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    params = load_params(args.params)
+    params = load_params_or_exit(args.params)
     start = time.perf_counter()
     row = eval_row(args.results, params.release.weight)
     out = write_release(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from stages import tracking
 from stages.hashing import write_json
-from stages.params import Eval, Params, load_params
+from stages.params import Eval, Params, load_params_or_exit
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     start = time.perf_counter()
-    params = load_params(args.params)
+    params = load_params_or_exit(args.params)
     points = sorted(json.loads(args.results.read_text()), key=lambda p: p["weight"])
     front = pareto_front(points)
     args.out.mkdir(parents=True, exist_ok=True)

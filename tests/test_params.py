@@ -80,3 +80,40 @@ def test_sizes():
 def test_weights_are_sorted():
     p = parse_params(with_change("sweep.weights", [1.0, 0.0, 0.5]))
     assert p.sweep.weights == (0.0, 0.5, 1.0)
+
+
+def test_stage_entry_point_reports_bad_params_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    raw = with_change("sweep.weights", [0.0, 1.5])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.report",
+            "--results",
+            "r",
+            "--samples",
+            "s",
+            "--len",
+            "l",
+            "--acc",
+            "a",
+            "--out",
+            "o",
+            "--markdown",
+            "m",
+            "--params",
+            str(tmp_path / "params.yaml"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith(
+        "params.yaml: sweep.weights[1] must be in [0, 1], got 1.5"
+    )
+    assert "Traceback" not in done.stderr
