@@ -23,6 +23,11 @@ class GradingError(ValueError):
     """A gold answer that math-verify cannot read; the eval data needs fixing."""
 
 
+class EvalDataError(ValueError):
+    """An eval jsonl the task cannot use (defined here: lm-eval loads the task module
+    by path, so a class defined there would not be the one callers catch)."""
+
+
 @dataclass(frozen=True)
 class Verdict:
     """One graded response; `reason` says why it is unformatted or incorrect."""

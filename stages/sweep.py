@@ -33,11 +33,11 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, Qwen2ForCausalLM
 
 from stages import paths
-from stages.checkpoint import Checkpoint, dtype_from_name
-from stages.grading import grade
+from stages.checkpoint import Checkpoint, CheckpointError, dtype_from_name
+from stages.grading import EvalDataError, GradingError, grade
 from stages.hashing import manifest, sha256_file, write_json
-from stages.merging import LM_HEAD, MergePlan, linear_merge, plan_merge
-from stages.params import Params, load_params
+from stages.merging import LM_HEAD, MergeError, MergePlan, linear_merge, plan_merge
+from stages.params import Params, load_params_or_exit
 
 log = logging.getLogger(__name__)
 
@@ -659,9 +659,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
 
     start = time.perf_counter()
-    params = load_params(args.params)
+    params = load_params_or_exit(args.params)
     cache = paths.cache_dir() / "points"
-    points, samples = run_sweep(params, args.len_dir, args.acc_dir, cache)
+    try:
+        points, samples = run_sweep(params, args.len_dir, args.acc_dir, cache)
+    except (SweepError, MergeError, CheckpointError, GradingError, EvalDataError) as e:
+        raise SystemExit(f"error: {e}") from None
     write_outputs(args.out, points, samples)
     log.info(
         "wrote %s: %d points in %.1fs (cache %s)",

@@ -397,6 +397,24 @@ def test_outputs_replace_old_samples_and_leave_no_temporaries(
     assert json.loads((tmp_path / "results.json").read_text()) == points
 
 
+def test_bad_eval_data_ends_the_stage_with_one_line(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"question": "q", "answer": "1"}\n{"question": "q", "answer": ""}\n'
+    )
+    raw = params_dict({"toy": str(bad)})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    args = ["--len", str(world["len"]), "--acc", str(world["acc"]), "--out", "out"]
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(args)
+    assert str(exc.value).startswith(f"error: {bad}:2: gold answer '' cannot be parsed")
+    assert not (tmp_path / "out").exists()
+
+
 def test_stage_command_line_writes_results_and_cache(
     world: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -8,11 +8,9 @@ from typing import Any
 
 import datasets
 
-from stages.grading import GradingError, check_gold, grade
+from stages.grading import EvalDataError, GradingError, check_gold, grade
 
-
-class EvalDataError(ValueError):
-    """An eval jsonl the task cannot use."""
+__all__ = ["EvalDataError", "doc_to_text", "load_docs", "process_results", "read_jsonl"]
 
 
 def read_jsonl(path: Path) -> list[dict[str, str]]:
