@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from stages.checkpoint import ShardedWriter, TensorSpec
+from stages.checkpoint import ShardedWriter, TensorSpec, qwen2_shapes
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +53,14 @@ GENERATION = {"bos_token_id": 151646, "eos_token_id": 151643, "do_sample": True}
 
 def tensor_specs(layers: int = LAYERS, vocab: int = VOCAB) -> list[TensorSpec]:
     """The Qwen2ForCausalLM tensors of the 1.5B model, untied lm_head, qkv biases."""
-    kv = HIDDEN // HEADS * KV_HEADS
-    shapes = {"model.embed_tokens.weight": (vocab, HIDDEN)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (HIDDEN,),
-            p + "post_attention_layernorm.weight": (HIDDEN,),
-            p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
-            p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
-            p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-            p + "self_attn.q_proj.bias": (HIDDEN,),
-            p + "self_attn.k_proj.weight": (kv, HIDDEN),
-            p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.weight": (kv, HIDDEN),
-            p + "self_attn.v_proj.bias": (kv,),
-            p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-        }
-    shapes |= {"model.norm.weight": (HIDDEN,), "lm_head.weight": (vocab, HIDDEN)}
+    shapes = qwen2_shapes(
+        vocab=vocab,
+        hidden=HIDDEN,
+        intermediate=INTERMEDIATE,
+        layers=layers,
+        heads=HEADS,
+        kv_heads=KV_HEADS,
+    )
     return [TensorSpec(n, torch.bfloat16, s) for n, s in sorted(shapes.items())]
 
 

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from stages import modelfiles
+from stages.checkpoint import ST_DTYPES as DTYPES
 from stages.hashing import manifest_id, sha256_file, write_json
 from stages.merging import linear_merge
 
@@ -34,18 +35,6 @@ INDEX = "model.safetensors.index.json"
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 PROVENANCE = "provenance.json"
 CHECKS = ("integrity", "lineage", "recompute", "inference")
-DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 # Same-size integers for the bit patterns, and the pattern of the smallest subnormal
 # with the sign bit set: x ^ it maps +0 to -min and -0 to +min.

@@ -42,6 +42,43 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
 }
 
 
+def qwen2_shapes(
+    *,
+    vocab: int,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    tied: bool = False,
+) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a Qwen2ForCausalLM checkpoint (q/k/v with biases)."""
+    kv = hidden // heads * kv_heads
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+    }
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+            p + "mlp.down_proj.weight": (hidden, intermediate),
+            p + "mlp.gate_proj.weight": (intermediate, hidden),
+            p + "mlp.up_proj.weight": (intermediate, hidden),
+            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "self_attn.q_proj.bias": (hidden,),
+            p + "self_attn.k_proj.weight": (kv, hidden),
+            p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, hidden),
+            p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+        }
+    if not tied:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
 class CheckpointError(ValueError):
     """A checkpoint folder or file that cannot be read as safetensors weights."""
 

@@ -2,11 +2,7 @@
 
 from fnmatch import fnmatch
 
-SAFE_PATTERNS = (
-    "*.safetensors",
-    "model.safetensors.index.json",
-    "config.json",
-    "generation_config.json",
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -15,6 +11,13 @@ SAFE_PATTERNS = (
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
+)
+SAFE_PATTERNS = (
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    *TOKENIZER_FILES,
     "README.md",
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

@@ -22,7 +22,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from stages import modelcard
+from stages import modelcard, modelfiles
 from stages.checkpoint import (
     DTYPE_NAMES,
     Checkpoint,
@@ -47,17 +47,7 @@ from stages.params import Params, ParamsError, load_params_or_exit, parse_size
 log = logging.getLogger(__name__)
 
 DONOR = "acc"
-DONOR_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+DONOR_FILES = ("generation_config.json", *modelfiles.TOKENIZER_FILES)
 PACKAGES = ("torch", "safetensors", "transformers", "tokenizers", "numpy", "mergekit")
 DEFAULT_SHARD_SIZE = 5_000_000_000
 

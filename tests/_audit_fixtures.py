@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from stages.checkpoint import read_header, save_checkpoint
+from stages.checkpoint import qwen2_shapes, read_header, save_checkpoint
 from stages.hashing import manifest, manifest_id, write_json
 from stages.merging import linear_merge
 
@@ -36,25 +36,14 @@ CONFIG = {
 
 
 def shapes() -> dict[str, tuple[int, ...]]:
-    kv = HIDDEN // HEADS * KV_HEADS
-    out = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        out |= {
-            p + "input_layernorm.weight": (HIDDEN,),
-            p + "post_attention_layernorm.weight": (HIDDEN,),
-            p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
-            p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
-            p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-            p + "self_attn.q_proj.bias": (HIDDEN,),
-            p + "self_attn.k_proj.weight": (kv, HIDDEN),
-            p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.weight": (kv, HIDDEN),
-            p + "self_attn.v_proj.bias": (kv,),
-            p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-        }
-    return out | {"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
+    return qwen2_shapes(
+        vocab=VOCAB,
+        hidden=HIDDEN,
+        intermediate=INTERMEDIATE,
+        layers=LAYERS,
+        heads=HEADS,
+        kv_heads=KV_HEADS,
+    )
 
 
 def rl_pair(*, drift: float, seed: int) -> tuple[dict, dict]:

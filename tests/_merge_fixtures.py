@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from stages.checkpoint import Checkpoint
+from stages.checkpoint import Checkpoint, qwen2_shapes
 
 HIDDEN, LAYERS, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 32, 2, 48, 4, 2, 96
 
@@ -42,29 +42,15 @@ def tiny_tensors(
     seed: int, *, vocab: int = VOCAB, tied: bool = False, dtype=torch.bfloat16
 ) -> dict[str, torch.Tensor]:
     """A shared base (seed 0) plus a per-seed perturbation, like two fine-tunes."""
-    kv = HIDDEN // HEADS * KV_HEADS
-    shapes = {
-        "model.embed_tokens.weight": (vocab, HIDDEN),
-        "model.norm.weight": (HIDDEN,),
-    }
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (HIDDEN,),
-            p + "post_attention_layernorm.weight": (HIDDEN,),
-            p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
-            p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
-            p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-            p + "self_attn.q_proj.bias": (HIDDEN,),
-            p + "self_attn.k_proj.weight": (kv, HIDDEN),
-            p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.weight": (kv, HIDDEN),
-            p + "self_attn.v_proj.bias": (kv,),
-            p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-        }
-    if not tied:
-        shapes["lm_head.weight"] = (vocab, HIDDEN)
+    shapes = qwen2_shapes(
+        vocab=vocab,
+        hidden=HIDDEN,
+        intermediate=INTERMEDIATE,
+        layers=LAYERS,
+        heads=HEADS,
+        kv_heads=KV_HEADS,
+        tied=tied,
+    )
     base_gen = torch.Generator().manual_seed(0)
     gen = torch.Generator().manual_seed(seed)
     out = {}
