@@ -194,8 +194,9 @@ class RecordingHFLM(HFLM):
         self.generate_s = 0.0
         self.generate_total_s = 0.0
         self._contexts: list[str] = []
-        self._templated: dict[tuple[str, bool], str] = {}
+        self._templated: dict[tuple, str] = {}
         self._encoded: dict[tuple[str, bool | None, int | None], list[int]] = {}
+        self._batches: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         super().__init__(*args, **kwargs)
 
     def tok_batch_encode(
@@ -205,9 +206,24 @@ class RecordingHFLM(HFLM):
         left_truncate_len: int | None = None,
         truncation: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = super().tok_batch_encode(
-            strings, padding_side=padding_side, truncation=truncation
-        )
+        key = (tuple(strings), padding_side, left_truncate_len, truncation)
+        if key not in self._batches:
+            ids, mask = super().tok_batch_encode(
+                strings, padding_side=padding_side, truncation=truncation
+            )
+            self._check_prompts(strings, ids, mask, left_truncate_len)
+            self._batches[key] = ids, mask
+        self._contexts = list(strings)
+        ids, mask = self._batches[key]
+        return ids.clone(), mask.clone()
+
+    def _check_prompts(
+        self,
+        strings: list[str],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        left_truncate_len: int | None,
+    ) -> None:
         if left_truncate_len and ids.shape[1] > left_truncate_len:
             raise SweepError(
                 f"a prompt of {ids.shape[1]} tokens leaves no room for max_gen_toks "
@@ -215,15 +231,12 @@ class RecordingHFLM(HFLM):
                 "eval.max_gen_toks"
             )
         bos = self.tokenizer.bos_token_id
-        if bos is not None:
-            counts = ((ids == bos) & mask.bool()).sum(dim=1).tolist()
-            for s, n in zip(strings, counts, strict=True):
-                if n != 1:
-                    raise SweepError(
-                        f"prompt carries {n} BOS tokens, not 1: {s[:80]!r}"
-                    )
-        self._contexts = list(strings)
-        return ids, mask
+        if bos is None:
+            return
+        counts = ((ids == bos) & mask.bool()).sum(dim=1).tolist()
+        for s, n in zip(strings, counts, strict=True):
+            if n != 1:
+                raise SweepError(f"prompt carries {n} BOS tokens, not 1: {s[:80]!r}")
 
     def _model_generate(
         self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any
@@ -245,11 +258,15 @@ class RecordingHFLM(HFLM):
         return out
 
     # lm-eval renders and encodes every prompt again at each point; the tokenizer and
-    # the prompts do not change within a sweep, so each is done once.
+    # the prompts do not change within a sweep, so each is done once (tok_batch_encode
+    # keeps its batches too: lm-eval forms the same ones at every point).
     def apply_chat_template(
         self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
-        key = (json.dumps(chat_history, sort_keys=True), add_generation_prompt)
+        key = (
+            tuple(tuple(sorted(m.items())) for m in chat_history),
+            add_generation_prompt,
+        )
         if key not in self._templated:
             self._templated[key] = super().apply_chat_template(
                 chat_history, add_generation_prompt
