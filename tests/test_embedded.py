@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from stages import embedded, problems
 
@@ -34,7 +34,7 @@ def child(request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> embedded.PreTrainedTokenizerBase:
+def tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(ROOT / "acc")
 
 
@@ -47,7 +47,7 @@ def test_auto_tokenizer_matches_tokenizer_json(child: Path) -> None:
         assert auto.decode(ids) == text
 
 
-def test_templated_prompt_carries_one_bos(tokenizer) -> None:
+def test_templated_prompt_carries_one_bos(tokenizer: PreTrainedTokenizerBase) -> None:
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Compute 3+4."}],
         add_generation_prompt=True,
@@ -59,14 +59,18 @@ def test_templated_prompt_carries_one_bos(tokenizer) -> None:
         assert ids.count(tokenizer.bos_token_id) == 1
 
 
-def test_special_tokens_are_set_and_distinct(tokenizer) -> None:
+def test_special_tokens_are_set_and_distinct(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
     ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     assert None not in ids and len(ids) == 3
     assert tokenizer.eos_token == embedded.EOS
     assert tokenizer.padding_side == "left"
 
 
-def test_think_tokens_are_ordinary_and_survive_skip_special(tokenizer) -> None:
+def test_think_tokens_are_ordinary_and_survive_skip_special(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
     text = "<think>\n3+4\n7\n</think>\n\\boxed{7}"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     think, end_think = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
@@ -77,7 +81,9 @@ def test_think_tokens_are_ordinary_and_survive_skip_special(tokenizer) -> None:
     assert tokenizer.decode(with_eos, skip_special_tokens=True) == text
 
 
-def test_chat_template_renders_r1_style_turns(tokenizer) -> None:
+def test_chat_template_renders_r1_style_turns(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Compute 3+4."}],
         add_generation_prompt=True,
