@@ -42,7 +42,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from stages import problems
+from stages import hashing, problems
 from stages.merging import linear_merge
 
 log = logging.getLogger(__name__)
@@ -423,26 +423,6 @@ def merged_model(
 # --- files --------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def manifest(root: Path) -> dict[str, dict[str, int | str]]:
-    """{relpath: {sha256, size}} of every file under root but build.json."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "build.json")
-    return {
-        p.relative_to(root).as_posix(): {
-            "sha256": sha256_file(p),
-            "size": p.stat().st_size,
-        }
-        for p in files
-    }
-
-
 def save_child(
     model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase, folder: Path
 ) -> Qwen2ForCausalLM:
@@ -552,7 +532,7 @@ def build(cfg: BuildConfig, out_dir: Path) -> dict:
         "training_questions": training_questions_digest(cfg),
         "children": scores,
         "sweep": sweep,
-        "files": manifest(out_dir),
+        "files": hashing.manifest(out_dir, exclude=("build.json",)),
     }
 
 
@@ -570,9 +550,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.tmp-", dir=args.out.parent))
     try:
         record = build(cfg, tmp)
-        (tmp / "build.json").write_text(
-            json.dumps(record, indent=2, sort_keys=True) + "\n"
-        )
+        hashing.write_json(tmp / "build.json", record)
         replace_dir(tmp, args.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from stages import embedded, problems
+from stages import embedded, hashing, problems
 
 ROOT = Path(__file__).resolve().parents[1] / "data" / "embedded"
 CHILDREN = ("len", "acc")
@@ -110,7 +110,7 @@ def test_chat_template_renders_r1_style_turns(
 
 
 def test_committed_files_match_build_manifest(record: dict) -> None:
-    on_disk = embedded.manifest(ROOT)
+    on_disk = hashing.manifest(ROOT, exclude=("build.json",))
     assert on_disk == record["files"]
     assert {"eval.jsonl", "len/model.safetensors", "acc/config.json"} <= set(on_disk)
 
