@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow.parquet as pq
 
 from stages import hub
-from stages.grading import boxed_answers
+from stages.grading import GradingError, boxed_answers, check_gold
 from stages.hashing import manifest, write_json
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,10 @@ def convert(suite: Suite, rows: Sequence[dict], *, where: str) -> list[dict]:
                 raise SuiteError(f"{at}: {suite.answer!r} has no \\boxed{{}} answer")
             value = boxed[-1]
         answer = answer_text(value, where=f"{at} field {suite.answer!r}")
+        try:
+            check_gold(answer)
+        except GradingError as e:
+            raise SuiteError(f"{at} field {suite.answer!r}: {e}") from None
         out.append({"question": question.strip(), "answer": answer})
     if not out:
         raise SuiteError(f"{where}: no rows")
