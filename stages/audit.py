@@ -47,6 +47,14 @@ BITS = {
 # Elements per step of the recompute and the inference: a dozen fp32 temporaries of
 # this size stay in cache; 2^18 ran the inference 2.2x faster than 2^22 here (1 thread).
 CHUNK = 1 << 18
+# Where the recompute runs and matches, the intervals of a tensor of more than
+# FULL_FIT elements come from a deterministic sample: SAMPLE_BLOCK elements of every
+# SAMPLE_EVERY * SAMPLE_BLOCK (1/16 here). Its intersection holds the one of all
+# elements, so the interval is honest, only wider; the other elements are vouched for
+# by the bit-exact recompute. A tensor the recompute does not match is fitted in full.
+FULL_FIT = 1 << 20
+SAMPLE_BLOCK = 1 << 16
+SAMPLE_EVERY = 16
 # Tensors read ahead of need in a constituent whose tensor order differs from the
 # release's are held up to this many bytes, then dropped and read again when needed.
 PENDING_BYTES = 1 << 30
@@ -358,10 +366,21 @@ def as_bits(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Bit-for-bit equality, compared 8 bytes at a time where the layout allows
+    (2.3x faster than comparing bf16 patterns as int16, measured here)."""
+    if want.dtype != got.dtype:
+        return False
+    x, y = got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)
+    if x.numel() % 8 == 0 and x.data_ptr() % 8 == 0 and y.data_ptr() % 8 == 0:
+        return torch.equal(x.view(torch.int64), y.view(torch.int64))
+    return torch.equal(x, y)
+
+
 def compare_chunk(
     got: torch.Tensor, want: torch.Tensor, offset: int, into: Mismatch
 ) -> None:
-    if want.dtype == got.dtype and torch.equal(as_bits(got), as_bits(want)):
+    if same_bits(got, want):
         return
     if want.dtype != got.dtype:
         want = want.to(got.dtype)
@@ -560,6 +579,7 @@ class TensorFit:
     sde: float = 0.0
     see: float = 0.0
     agreed_at: float | None = None
+    examined: int = 0
 
     @property
     def informative(self) -> bool:
@@ -582,6 +602,7 @@ class TensorFit:
         finite = self.informative and self.lo <= self.hi
         return {
             "elements": self.numel,
+            "elements_examined": self.examined,
             "informative": self.informative,
             "w_interval": [self.lo, self.hi] if finite else None,
             "w_agreed": self.agreed_at,
@@ -622,22 +643,40 @@ def fit_chunk(
     fit.hi = -math.inf if math.isnan(hi) else min(fit.hi, hi + W_SLACK)
 
 
+def fit_slices(n: int, sample: bool) -> Iterator[slice]:
+    """The chunks of a tensor of `n` elements that the fit examines: all of them, or
+    with `sample` and more than FULL_FIT elements, the deterministic sample."""
+    if sample and n > FULL_FIT:
+        step, size = SAMPLE_BLOCK * SAMPLE_EVERY, SAMPLE_BLOCK
+    else:
+        step, size = CHUNK, CHUNK
+    for i in range(0, n, step):
+        yield slice(i, min(i + size, n))
+
+
 def fit_tensor(
-    name: str, rl: torch.Tensor, ln: torch.Tensor, ac: torch.Tensor
+    name: str,
+    rl: torch.Tensor,
+    ln: torch.Tensor,
+    ac: torch.Tensor,
+    *,
+    sample: bool = False,
 ) -> TensorFit:
-    """The interval of w that explains every element, or the most-agreed w."""
+    """The interval of w that explains every element examined (all, or with `sample`
+    the sample of a large tensor), or over all elements the most-agreed w."""
     fit = TensorFit(name, rl.numel())
     fl, fa, fr = ln.reshape(-1), ac.reshape(-1), rl.reshape(-1)
     ws = Workspace(work_dtype(rl))
-    for i in range(0, fr.numel(), CHUNK):
-        s = slice(i, i + CHUNK)
+    for s in fit_slices(fr.numel(), sample):
         fit_chunk(fit, fl[s], fa[s], fr[s], ws)
+        fit.examined += s.stop - s.start
     if fit.lo > fit.hi:
         w = most_agreed(ln, ac, rl)
         found = (math.inf, -math.inf, 0) if w is None else agreement_at(w, ln, ac, rl)
         fit.lo, fit.hi, n = found
         fit.disagree = fit.numel - n
         fit.agreed_at = w
+        fit.examined = fit.numel
     elif fit.informative:
         fit.agreed_at = (fit.lo + fit.hi) / 2
     return fit
@@ -651,14 +690,22 @@ def recompute(
     normalize: bool,
     out_dtype: torch.dtype,
 ) -> Mismatch:
-    """Compare one tensor with the merge at `weights` (the shared kernel), by chunks."""
+    """Compare one tensor with the merge at `weights` (the shared kernel), by chunks.
+
+    The inputs go to the kernel as fp32 copies, as stream_merge gives them to it: the
+    conversion is exact, and fp32 operands run its multiply-adds 10% faster.
+    """
     found = Mismatch()
     fl, fa, fr = ln.reshape(-1), ac.reshape(-1), rl.reshape(-1)
+    wide = ln.dtype in (torch.bfloat16, torch.float16) and ac.dtype == ln.dtype
+    l32, a32 = (torch.empty(min(CHUNK, fr.numel())) for _ in range(2))
     for i in range(0, fr.numel(), CHUNK):
         s = slice(i, i + CHUNK)
-        want = linear_merge(
-            [fl[s], fa[s]], weights, normalize=normalize, out_dtype=out_dtype
-        )
+        parts = [fl[s], fa[s]]
+        if wide:
+            m = parts[0].numel()
+            parts = [l32[:m].copy_(parts[0]), a32[:m].copy_(parts[1])]
+        want = linear_merge(parts, weights, normalize=normalize, out_dtype=out_dtype)
         compare_chunk(fr[s], want, i, found)
     return found
 
@@ -903,10 +950,18 @@ def scan_tensors(
             dtype = out_dtype or got["len"].dtype
             args = (rl, got["len"], got["acc"], recorded_here, normalize, dtype)
             pending = RECOMPUTE.submit(recompute, *args)
+        # While the recompute runs, a large tensor is fitted on a sample; one that it
+        # does not match is fitted again in full, to find the elements that disagree.
+        sample = pending is not None
         fit = (
-            fit_tensor(name, rl, got["len"], got["acc"]) if rl.dtype in FLOATS else None
+            fit_tensor(name, rl, got["len"], got["acc"], sample=sample)
+            if rl.dtype in FLOATS
+            else None
         )
         mismatch = pending.result() if pending is not None else None
+        if fit is not None and mismatch is not None and mismatch.count:
+            if fit.examined < fit.numel:
+                fit = fit_tensor(name, rl, got["len"], got["acc"])
         scan.compared += 1
         if fit is None:
             skipped.add(name)
@@ -1018,6 +1073,8 @@ def check_inference(
         "uncertainty": (hi - lo) / 2 if agreeing else None,
         "tensors": len(scan.fits),
         "informative_tensors": len(fits),
+        "elements": sum(f.numel for f in scan.fits),
+        "elements_examined": sum(f.examined for f in scan.fits),
         "interval_midpoints": stats(
             [f.agreed_at for f in fits if f.agreed_at is not None]
         ),
@@ -1059,7 +1116,13 @@ def check_inference(
             verdict += f"; the provenance records w={w_rec:g}, outside that interval"
             return result("fail", verdict, verdict=verdict, **details)
         verdict += f", as recorded (w={w_rec:g})"
-    return result("pass", verdict, verdict=verdict, **details)
+    summary = verdict
+    if details["elements_examined"] < details["elements"]:
+        summary += (
+            f"; intervals from a sample of {details['elements_examined']:,} of "
+            f"{details['elements']:,} elements, every element equal to the recompute"
+        )
+    return result("pass", summary, verdict=verdict, **details)
 
 
 # The audit as a library call, then the command line and the DVC stage.

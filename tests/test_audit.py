@@ -259,6 +259,45 @@ def test_identical_constituents_fit_any_weight(pair: tuple[Path, Path]) -> None:
     assert inf["informative_tensors"] == 0
 
 
+def small_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sample the fixture's tensors of more than 4096 elements: 512 of every 4096."""
+    monkeypatch.setattr(A, "FULL_FIT", 4096)
+    monkeypatch.setattr(A, "SAMPLE_BLOCK", 512)
+    monkeypatch.setattr(A, "SAMPLE_EVERY", 8)
+
+
+def test_sampled_fit_gives_an_interval_holding_the_full_one(
+    release: Path, pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full = run_audit(release, pair)["checks"]["inference"]
+    assert full["elements_examined"] == full["elements"]
+    small_sample(monkeypatch)
+    report = run_audit(release, pair)
+    assert set(statuses(report).values()) == {"pass"}
+    inf = report["checks"]["inference"]
+    assert inf["elements"] == full["elements"]
+    assert inf["elements_examined"] < inf["elements"] / 4
+    per = inf["per_tensor"][UP]
+    assert (per["elements"], per["elements_examined"]) == (32768, 4096)
+    (lo, hi), (full_lo, full_hi) = inf["w_interval"], full["w_interval"]
+    assert lo <= full_lo <= 0.3 <= full_hi <= hi and hi - lo < 1e-3
+    assert f"sample of {inf['elements_examined']:,} of" in inf["summary"]
+    assert "sample" not in full["summary"]
+
+
+def test_sampled_fit_refits_a_mismatching_tensor_in_full(
+    release: Path, pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small_sample(monkeypatch)
+    fx.flip_bit(release, UP, 1234, 0)  # outside UP's sample: elements 0..511, 4096..
+    report = run_audit(release, pair)
+    assert statuses(report)["recompute"] == "fail"
+    inf = report["checks"]["inference"]
+    assert inf["status"] == "fail" and inf["disagreeing_tensors"] == {UP: 1}
+    assert inf["per_tensor"][UP]["elements_examined"] == 32768
+    assert inf["elements_examined"] < inf["elements"] / 4
+
+
 def test_usage_errors_exit_2(
     release: Path, pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
