@@ -1,13 +1,15 @@
 """The audit's time against the merge's own, on the 1.5B-shaped release.
 
 `nice -n 5 python -m benchmarks.bench_audit [--root DIR] [--out DIR] [--layers N
---vocab V]` writes the release of benchmarks.realshape's two checkpoints (in ROOT) with
-stages.release.write_release, audits it with stages.audit.audit, each in its own
-process, and prints wall and CPU seconds, peak RSS, bytes read per weight byte, ratio.
+--vocab V] [--full-fit]` writes the release of benchmarks.realshape's two checkpoints
+(in ROOT) with stages.release.write_release, audits it with stages.audit.audit, each in
+its own process, and prints wall and CPU seconds, peak RSS, bytes read per weight byte,
+the ratios and the load average.
 """
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -47,9 +49,12 @@ def phase(name: str, root: Path, out: Path) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         write_release(len_dir, acc_dir, 0.3, out)
     else:
-        from stages.audit import audit
+        from stages import audit as stage
 
-        report = audit(out, len_dir=len_dir, acc_dir=acc_dir)
+        if name == "audit-full":
+            # Every element's interval, as in the audit of a merge without provenance.
+            stage.FULL_FIT = sys.maxsize
+        report = stage.audit(out, len_dir=len_dir, acc_dir=acc_dir)
         inference = report["checks"]["inference"]
         figures = {
             "statuses": {k: c["status"] for k, c in report["checks"].items()},
@@ -81,7 +86,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("/tmp/mergesweep-audit-bench"))
     p.add_argument("--layers", type=int, default=LAYERS)
     p.add_argument("--vocab", type=int, default=VOCAB)
-    p.add_argument("--phase", choices=("merge", "audit"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--full-fit",
+        action="store_true",
+        help="fit every element, as the audit of a merge without provenance does "
+        "(default: a sample of the large tensors, beside the bit-exact recompute)",
+    )
+    p.add_argument(
+        "--phase", choices=("merge", "audit", "audit-full"), help=argparse.SUPPRESS
+    )
     args = p.parse_args()
     if args.phase:
         print(json.dumps(phase(args.phase, args.root, args.out)))
@@ -90,13 +103,17 @@ def main() -> None:
     pair = constituents(args.root, args.out)
     release = args.out / "release"
     merge = run_phase("merge", pair, release)
-    audit = run_phase("audit", pair, release)
+    audit = run_phase("audit-full" if args.full_fit else "audit", pair, release)
     for name, f in (("merge", merge), ("audit", audit)):
         print(
             f"{name:6s} {f['wall_s']:7.1f} s wall {f['cpu_s']:7.1f} s cpu "
             f"peak RSS {f['peak_rss_gb']:5.2f} GB"
         )
-    print(f"audit/merge wall time: {audit['wall_s'] / merge['wall_s']:.2f}")
+    print(
+        f"audit/merge wall time: {audit['wall_s'] / merge['wall_s']:.2f}, "
+        f"cpu time: {audit['cpu_s'] / merge['cpu_s']:.2f}; load average "
+        + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    )
     print(
         f"weights {audit['weight_gb']:.2f} GB, bytes read per byte "
         f"{audit['read_per_byte']:.3f}; checks {audit['statuses']}"
