@@ -117,3 +117,25 @@ def test_added_weight_evaluates_one_point(repo):
     results = json.loads((repo / "reports/sweep/results.json").read_text())
     assert len(results) == 12
     assert [p["weight"] for p in results if not p["cached"]] == [0.35]
+
+
+def test_exp_run_in_a_temp_workspace_logs_to_the_main_store(repo):
+    before = len(mlflow_runs(repo))
+    run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "s")
+    run(
+        repo,
+        "dvc",
+        "exp",
+        "run",
+        "--temp",
+        "-n",
+        "probe",
+        "-S",
+        "sweep.weights=[0.0,0.3,1.0]",
+    )
+    runs = mlflow_runs(repo)
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    probe = parents[parents["tags.mergesweep.dvc_experiment"] == "probe"]
+    assert len(runs) - before == 3 + 1 + 1  # three points, their sweep, the release
+    assert len(probe) == 2  # the sweep's parent run and the release run
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
