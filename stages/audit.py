@@ -697,12 +697,12 @@ def recompute(
     """
     found = Mismatch()
     fl, fa, fr = ln.reshape(-1), ac.reshape(-1), rl.reshape(-1)
-    wide = ln.dtype in (torch.bfloat16, torch.float16) and ac.dtype == ln.dtype
+    as_fp32 = ln.dtype in (torch.bfloat16, torch.float16) and ac.dtype == ln.dtype
     l32, a32 = (torch.empty(min(CHUNK, fr.numel())) for _ in range(2))
     for i in range(0, fr.numel(), CHUNK):
         s = slice(i, i + CHUNK)
         parts = [fl[s], fa[s]]
-        if wide:
+        if as_fp32:
             m = parts[0].numel()
             parts = [l32[:m].copy_(parts[0]), a32[:m].copy_(parts[1])]
         want = linear_merge(parts, weights, normalize=normalize, out_dtype=out_dtype)
