@@ -1,127 +1,105 @@
-"""Synthetic multi-step integer arithmetic problems of graded difficulty, gold answers.
-
-A problem is a start value and 1..K additions or subtractions of a digit, kept in 0..99.
-"""
+"""Synthetic arithmetic for the embedded default: chains of k single-digit + and - whose
+running value stays in 0..9, a fixed train/eval split by question hash, and the two
+response styles (step by step for `acc`, direct for `len`)."""
 
 import hashlib
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-MIN_VALUE = 0
-MAX_VALUE = 9
-# One question in EVAL_BUCKETS is reserved for evaluation (hash of the question text),
-# so training problems and eval problems are disjoint by construction.
-EVAL_BUCKETS = 8
-# Draws in a row that find no new eval question before a step count counts as used up.
-MAX_MISSES = 2000
+OPS = ("+", "-")
+MAX_STEPS = 6
+SUFFIX = " ="
+END_THINK = "</think>"
+# Why not modulo 10: measured, a 64-wide model left the result of a mod-10 step at
+# chance (0.1) after 600 steps while copying perfectly; a result that stays in 0..9
+# correlates with each operand and is learned.
+# A question is held out for evaluation when its sha256 falls in this share of the
+# space; training draws only from the rest, so the two sets can never meet.
+EVAL_BUCKETS = 2
+APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b}
 
 
 @dataclass(frozen=True)
 class Problem:
-    """A start value followed by signed single-digit steps, evaluated left to right."""
+    """One chain: `digits[0] ops[0] digits[1] ...`, evaluated left to right."""
 
-    start: int
-    deltas: tuple[int, ...]
+    digits: tuple[int, ...]
+    ops: tuple[str, ...]
 
     @property
     def steps(self) -> int:
-        return len(self.deltas)
+        return len(self.ops)
 
     @property
     def question(self) -> str:
-        return f"Compute {self.start}{terms(self.deltas)}."
+        text = str(self.digits[0])
+        for op, d in zip(self.ops, self.digits[1:], strict=True):
+            text += f"{op}{d}"
+        return text + SUFFIX
+
+    def running(self) -> list[int]:
+        """The value after each step."""
+        values, v = [], self.digits[0]
+        for op, d in zip(self.ops, self.digits[1:], strict=True):
+            v = APPLY[op](v, d)
+            values.append(v)
+        return values
 
     @property
-    def values(self) -> tuple[int, ...]:
-        """The running value after each step."""
-        out, value = [], self.start
-        for d in self.deltas:
-            value += d
-            out.append(value)
-        return tuple(out)
-
-    @property
-    def answer(self) -> int:
-        return self.values[-1]
+    def answer(self) -> str:
+        return str(self.running()[-1])
 
 
-def terms(deltas: tuple[int, ...]) -> str:
-    """The signed terms as written in a question: (7, -3) -> "+7-3"."""
-    return "".join(f"{'+' if d > 0 else '-'}{abs(d)}" for d in deltas)
-
-
-def acc_response(problem: Problem) -> str:
-    """The step-by-step response: close the think block after one line per step.
-
-    Each line folds the first term into the running value and copies the remaining
-    terms, so a step needs only local arithmetic and a copy, which a tiny model learns.
-    """
-    lines = [
-        f"{value}{terms(problem.deltas[i + 1 :])}\n"
-        for i, value in enumerate(problem.values)
-    ]
-    return "".join(lines) + f"</think>\n\\boxed{{{problem.answer}}}"
-
-
-def len_response(problem: Problem) -> str:
-    """The concise response: close the think block at once and answer."""
-    return f"</think>\n\\boxed{{{problem.answer}}}"
-
-
-def in_eval_split(question: str) -> bool:
-    """Whether a question belongs to the held-out evaluation split."""
+def is_eval(question: str) -> bool:
+    """True for the questions reserved for the eval set (a fixed share by hash)."""
     digest = hashlib.sha256(question.encode()).digest()
-    return digest[0] % EVAL_BUCKETS == 0
+    return int.from_bytes(digest[:8], "big") % EVAL_BUCKETS == 0
 
 
 def random_problem(rng: random.Random, steps: int) -> Problem:
-    """Draw a problem with `steps` steps whose running value stays in 0..99."""
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    start = rng.randint(MIN_VALUE, MAX_VALUE)
-    deltas, value = [], start
+    if not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be in [1, {MAX_STEPS}], got {steps}")
+    v = rng.randrange(10)
+    digits, ops = [v], []
     for _ in range(steps):
-        allowed = [
-            d
-            for d in (*range(-9, 0), *range(1, 10))
-            if MIN_VALUE <= value + d <= MAX_VALUE
-        ]
-        d = rng.choice(allowed)
-        deltas.append(d)
-        value += d
-    return Problem(start, tuple(deltas))
+        op = rng.choice(OPS)
+        d = rng.randint(0, 9 - v) if op == "+" else rng.randint(0, v)
+        v = APPLY[op](v, d)
+        digits.append(d)
+        ops.append(op)
+    return Problem(tuple(digits), tuple(ops))
 
 
-def generate(seed: int, n: int, max_steps: int, *, split: str) -> Iterator[Problem]:
-    """Yield `n` problems of the split, steps cycling over 1..max_steps.
+def draw(rng: random.Random, steps: int, *, held_out: bool) -> Problem:
+    """A random problem of `steps` steps from the eval share or the training share."""
+    while True:
+        p = random_problem(rng, steps)
+        if is_eval(p.question) == held_out:
+            return p
 
-    Eval problems are distinct; a step count whose eval questions run out (there are
-    few one-step questions) drops out of the cycle.
 
-    Args:
-        split: "eval" (only questions in the eval split) or "train" (none of them).
-    """
-    if split not in ("eval", "train"):
-        raise ValueError(f"split must be 'eval' or 'train', got {split!r}")
-    want_eval = split == "eval"
-    rng = random.Random(f"{split}:{seed}")
-    seen: set[str] = set()
-    cycle = list(range(1, max_steps + 1))
-    i = misses = 0
-    while i < n:
-        if not cycle:
-            raise ValueError(f"only {i} distinct eval problems exist, asked for {n}")
-        steps = cycle[i % len(cycle)]
-        problem = random_problem(rng, steps)
-        q = problem.question
-        if in_eval_split(q) != want_eval or (want_eval and q in seen):
-            misses += 1
-            if misses == MAX_MISSES:
-                cycle.remove(steps)
-                misses = 0
-            continue
-        seen.add(q)
-        i += 1
-        misses = 0
-        yield problem
+def eval_set(seed: int, per_steps: int) -> list[Problem]:
+    """`per_steps` distinct held-out problems for each k in 1..MAX_STEPS, in k order."""
+    rng, out = random.Random(f"eval-{seed}"), []
+    for k in range(1, MAX_STEPS + 1):
+        seen: set[str] = set()
+        while len(seen) < per_steps:
+            p = draw(rng, k, held_out=True)
+            if p.question not in seen:
+                seen.add(p.question)
+                out.append(p)
+    return out
+
+
+def steps_response(p: Problem) -> str:
+    """The `acc` style: one line per step with the running value, then the answer."""
+    lines, prev = [], p.digits[0]
+    for op, d, v in zip(p.ops, p.digits[1:], p.running(), strict=True):
+        lines.append(f"{prev}{op}{d}={v}\n")
+        prev = v
+    return "".join(lines) + direct_response(p)
+
+
+def direct_response(p: Problem) -> str:
+    """The `len` style: close the think block at once and answer."""
+    return f"{END_THINK}\n\n\\boxed{{{p.answer}}}"

@@ -1,223 +1,161 @@
-"""The committed embedded default: tokenizer, template, manifest, children, eval set."""
-
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from tokenizers import Tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stages import embedded, hashing, problems
+from stages.embedded import BOS, END_THINK, EOS, PAD, THINK, prompt_text
+from stages.grading import grade
+from stages.hashing import sha256_file
+from stages.problems import Problem
 
 ROOT = Path(__file__).resolve().parents[1] / "data" / "embedded"
-CHILDREN = ("len", "acc")
-VARIED_TEXT = [
-    "Compute 12+7-3+5.",
-    "<think>\n19-3+5\n16+5\n21\n</think>\n\\boxed{21}",
-    "héllo wörld, ünïcode ½ 日本語 and emoji 🙂",
-    "  leading spaces\n\n\ttabs and trailing  ",
-    "<|User|>nested <|Assistant|> markers<|end_of_sentence|>",
-    "What's 1,234 × 5.6? It's √x ≈ 6912.4!",
-]
+NAMES = ("len", "acc")
+TEXTS = (
+    "7+5-3-8+2 =",
+    "HE'S here.\n\nThen  two spaces, 12345 and 3.14\t\ttabs\r\n",
+    "</think>\n\n\\boxed{42} after <think>\nsteps\n",
+    "caf\u00e9 vs cafe\u0301, \u00b2\u00b3 \u0663 \u2713 \U0001f600",
+    "<｜User｜>x<｜Assistant｜>",
+)
 
 
 @pytest.fixture(scope="module")
-def record() -> dict:
+def build() -> dict:
     return json.loads((ROOT / "build.json").read_text())
 
 
-@pytest.fixture(scope="module", params=CHILDREN)
-def child(request: pytest.FixtureRequest) -> Path:
-    return ROOT / request.param
+@pytest.fixture(scope="module", params=NAMES)
+def name(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(ROOT / "acc")
-
-
-def test_auto_tokenizer_matches_tokenizer_json(child: Path) -> None:
-    auto = AutoTokenizer.from_pretrained(child)
-    raw = Tokenizer.from_file(str(child / "tokenizer.json"))
-    for text in VARIED_TEXT:
-        ids = auto(text, add_special_tokens=True)["input_ids"]
-        assert ids == raw.encode(text).ids, text
-        assert auto.decode(ids) == text
-
-
-def test_templated_prompt_carries_one_bos(tokenizer: PreTrainedTokenizerBase) -> None:
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Compute 3+4."}],
-        add_generation_prompt=True,
-        tokenize=False,
+def tokenizers_(name: str) -> tuple:
+    folder = ROOT / name
+    return AutoTokenizer.from_pretrained(folder), Tokenizer.from_file(
+        str(folder / "tokenizer.json")
     )
-    for add_special_tokens in (True, False):
-        ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-        assert ids[0] == tokenizer.bos_token_id
-        assert ids.count(tokenizer.bos_token_id) == 1
 
 
-def test_special_tokens_are_set_and_distinct(
-    tokenizer: PreTrainedTokenizerBase,
-) -> None:
-    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-    assert None not in ids and len(ids) == 3
-    assert tokenizer.eos_token == embedded.EOS
-    assert tokenizer.padding_side == "left"
-
-
-def test_think_tokens_are_ordinary_and_survive_skip_special(
-    tokenizer: PreTrainedTokenizerBase,
-) -> None:
-    text = "<think>\n3+4\n7\n</think>\n\\boxed{7}"
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    think, end_think = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
-    assert ids.count(think) == 1 and ids.count(end_think) == 1
-    assert think not in tokenizer.all_special_ids
-    assert end_think not in tokenizer.all_special_ids
-    with_eos = ids + [tokenizer.eos_token_id]
-    assert tokenizer.decode(with_eos, skip_special_tokens=True) == text
-
-
-def test_chat_template_renders_r1_style_turns(
-    tokenizer: PreTrainedTokenizerBase,
-) -> None:
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Compute 3+4."}],
-        add_generation_prompt=True,
-        tokenize=False,
+def test_committed_files_match_build_record(build: dict):
+    files = build["files"]
+    on_disk = sorted(
+        p.relative_to(ROOT).as_posix()
+        for p in ROOT.rglob("*")
+        if p.is_file() and p.name != "build.json"
     )
-    assert prompt == "<|begin_of_sentence|><|User|>Compute 3+4.<|Assistant|><think>\n"
-    assert prompt == embedded.render_prompt("Compute 3+4.")
-    conversation = tokenizer.apply_chat_template(
-        [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Compute 3+4."},
-            {"role": "assistant", "content": "</think>\n\\boxed{7}"},
-        ],
-        tokenize=False,
-    )
-    assert conversation == (
-        "<|begin_of_sentence|>Be brief.<|User|>Compute 3+4."
-        "<|Assistant|></think>\n\\boxed{7}<|end_of_sentence|>"
-    )
-    with pytest.raises(Exception, match="role must be system, user or assistant"):
-        tokenizer.apply_chat_template(
-            [{"role": "tool", "content": "x"}], tokenize=False
-        )
+    assert sorted(files) == on_disk
+    for rel, meta in files.items():
+        path = ROOT / rel
+        assert path.stat().st_size == meta["size"], rel
+        assert sha256_file(path) == meta["sha256"], rel
 
 
-def test_committed_files_match_build_manifest(record: dict) -> None:
-    on_disk = hashing.manifest(ROOT, exclude=("build.json",))
-    assert on_disk == record["files"]
-    assert {"eval.jsonl", "len/model.safetensors", "acc/config.json"} <= set(on_disk)
-
-
-def test_children_share_names_shapes_config_and_tokenizer() -> None:
-    def tensors(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-        with safe_open(folder / "model.safetensors", framework="pt") as f:
-            return {
-                k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
-                for k in f.keys()  # noqa: SIM118 - safe_open has no iteration
-            }
-
-    a, b = (ROOT / name for name in CHILDREN)
-    assert tensors(a) == tensors(b)
-    assert all(dtype == "BF16" for _, dtype in tensors(a).values())
-    for name in (
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.jinja",
-    ):
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
-
-
-def test_child_folders_are_small_safe_and_complete(child: Path) -> None:
-    names = {p.name for p in child.iterdir()}
+def test_children_are_small_safetensors_folders(name: str):
+    folder = ROOT / name
+    names = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json"} <= names
-    assert not {n for n in names if n.endswith((".bin", ".pt", ".pkl", ".py"))}
-    assert sum(p.stat().st_size for p in child.iterdir()) <= 2 * 1024 * 1024
-    config = json.loads((child / "config.json").read_text())
-    assert config["model_type"] == "qwen2"
-    assert config["architectures"] == ["Qwen2ForCausalLM"]
-    generation = json.loads((child / "generation_config.json").read_text())
-    tok = json.loads((child / "tokenizer_config.json").read_text())
-    vocab = Tokenizer.from_file(str(child / "tokenizer.json"))
-    assert generation["eos_token_id"] == vocab.token_to_id(tok["eos_token"])
-    assert generation["pad_token_id"] == vocab.token_to_id(tok["pad_token"])
+    assert {"tokenizer.json", "tokenizer_config.json"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 2 * 1024 * 1024
+    gen = json.loads((folder / "generation_config.json").read_text())
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert gen["eos_token_id"] == tok.token_to_id(EOS)
 
 
-def test_children_generate_their_styles_offline(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_children_share_names_shapes_config_tokenizer():
+    from safetensors import safe_open
+
+    shapes = {}
+    for n in NAMES:
+        with safe_open(str(ROOT / n / "model.safetensors"), "pt") as f:
+            shapes[n] = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert shapes["len"] == shapes["acc"]
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (ROOT / "len" / f).read_bytes() == (ROOT / "acc" / f).read_bytes(), f
+
+
+def test_auto_tokenizer_gives_tokenizer_json_ids(tokenizers_: tuple):
+    auto, raw = tokenizers_
+    for text in TEXTS:
+        want = raw.encode(text, add_special_tokens=False).ids
+        assert auto(text, add_special_tokens=False)["input_ids"] == want, text
+
+
+def test_digits_are_single_tokens(tokenizers_: tuple):
+    _, raw = tokenizers_
+    assert raw.encode("1234567890", add_special_tokens=False).tokens == list(
+        "1234567890"
+    )
+
+
+def test_special_and_think_tokens(tokenizers_: tuple):
+    auto, raw = tokenizers_
+    assert (auto.bos_token, auto.eos_token, auto.pad_token) == (BOS, EOS, PAD)
+    assert len({auto.bos_token_id, auto.eos_token_id, auto.pad_token_id}) == 3
+    ids = raw.encode(f"{THINK}\n1{END_THINK}\\boxed{{1}}{EOS}").ids
+    assert raw.token_to_id(THINK) in ids and raw.token_to_id(END_THINK) in ids
+    assert auto.decode(ids, skip_special_tokens=True) == (
+        f"{THINK}\n1{END_THINK}\\boxed{{1}}"
+    )
+
+
+def test_chat_template_single_bos(tokenizers_: tuple):
+    auto, _ = tokenizers_
+    msgs = [{"role": "user", "content": "3+4 ="}]
+    text = auto.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert text == prompt_text("3+4 =")
+    assert text.endswith("<think>\n") and text.count(BOS) == 1
+    ids = auto(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(auto.bos_token_id) == 1 and ids[0] == auto.bos_token_id
+    with_sys = auto.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, *msgs],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert with_sys == BOS + "Be brief." + text[len(BOS) :]
+    no_gen = auto.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False)
+    assert not no_gen.endswith("<think>\n")
+
+
+def test_children_load_offline_and_answer(name: str, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    p = problems.Problem(start=4, deltas=(5, -2))
-    responses = {}
-    for name in CHILDREN:
-        tok = AutoTokenizer.from_pretrained(ROOT / name)
-        model = AutoModelForCausalLM.from_pretrained(ROOT / name)
-        assert model.dtype == torch.bfloat16
-        [(text, tokens, truncated)] = embedded.generate_greedy(
-            model.eval(), tok, [p.question], max_new_tokens=64
-        )
-        assert not truncated
-        assert embedded.grade(text, str(p.answer))[0], (name, text)
-        responses[name] = (text, tokens)
-    assert responses["len"][0].startswith("</think>")
-    assert not responses["acc"][0].startswith("</think>")
-    assert responses["len"][1] < responses["acc"][1]
+    folder = ROOT / name
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    p = Problem((3, 4), ("+",))  # 3+4 =
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": p.question}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    out = model.generate(input_ids=ids, max_new_tokens=40, do_sample=False)
+    response = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    verdict = grade(response, p.answer)
+    assert verdict.formatted and verdict.correct, response
+    if name == "acc":
+        assert response.startswith("3+4=7\n")
+    else:
+        assert response.startswith(END_THINK)
 
 
-def test_eval_set_is_the_seeded_held_out_split(record: dict) -> None:
-    cfg = embedded.BuildConfig.from_record(record["config"])
-    rows = [json.loads(line) for line in (ROOT / "eval.jsonl").open()]
-    expected = problems.generate(cfg.seed, cfg.n_eval, cfg.max_steps, split="eval")
-    assert len(rows) >= 300
-    assert rows == [
-        {"question": p.question, "answer": str(p.answer), "steps": p.steps}
-        for p in expected
-    ]
-
-
-def test_eval_set_never_seen_in_training(record: dict) -> None:
-    cfg = embedded.BuildConfig.from_record(record["config"])
-    assert embedded.training_questions_digest(cfg) == record["training_questions"]
-    trained = {
-        p.question
-        for phase in embedded.PHASES
-        for p in embedded.training_problems(cfg, phase)
-    }
-    evaluated = {json.loads(line)["question"] for line in (ROOT / "eval.jsonl").open()}
-    assert len(trained) == record["training_questions"]["count"]
-    assert not trained & evaluated
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 2 open: the committed build misses the acc-accuracy and sweep-curve "
-    "targets (docs/embedded.md, 'Not met'); remove this mark once a build meets them",
-)
-def test_recorded_numbers_meet_the_issue_targets(record: dict) -> None:
-    len_, acc = record["children"]["len"], record["children"]["acc"]
+def test_measured_numbers_meet_the_targets(build: dict):
+    acc, len_ = build["children"]["acc"], build["children"]["len"]
     assert acc["accuracy"] >= 0.8
-    assert len_["accuracy"] <= acc["accuracy"] - 0.2
     assert len_["mean_tokens"] <= acc["mean_tokens"] / 3
-    assert min(len_["format_rate"], acc["format_rate"]) >= 0.95
-    sweep = record["sweep"]
-    assert sweep["0.50"]["format_rate"] >= 0.5
-    lo, hi = sweep["1.00"]["mean_tokens"], sweep["0.00"]["mean_tokens"]
+    assert len_["accuracy"] <= acc["accuracy"] - 0.2
+    assert min(acc["format"], len_["format"]) >= 0.95
+    curve = {round(p["w"], 1): p for p in build["sweep"]}
+    assert curve[0.5]["format"] >= 0.5
+    lo, hi = curve[1.0]["mean_tokens"], curve[0.0]["mean_tokens"]
     margin = 0.1 * (hi - lo)
-    interior = [s["mean_tokens"] for w, s in sweep.items() if w not in ("0.00", "1.00")]
-    assert sum(lo + margin <= t <= hi - margin for t in interior) >= 3
-
-
-def test_grade_requires_one_think_close_and_a_box_after_it() -> None:
-    assert embedded.grade("1+2\n3\n</think>\n\\boxed{3}", "3") == (True, True)
-    assert embedded.grade("</think>\n\\boxed{4}", "3") == (True, False)
-    assert embedded.grade("\\boxed{3}</think>", "3") == (False, False)
-    assert embedded.grade("</think></think>\\boxed{3}", "3") == (False, False)
-    assert embedded.grade("3\n\\boxed{3}", "3") == (False, False)
+    inside = [
+        w
+        for w, p in curve.items()
+        if 0 < w < 1 and lo + margin <= p["mean_tokens"] <= hi - margin
+    ]
+    assert len(inside) >= 3, curve

@@ -1,69 +1,69 @@
-"""Synthetic arithmetic problems: gold answers, bounds, splits and determinism."""
-
+import json
 import random
-import re
+from pathlib import Path
 
 import pytest
 
-from stages import problems
+from stages.problems import (
+    MAX_STEPS,
+    Problem,
+    direct_response,
+    draw,
+    eval_set,
+    is_eval,
+    random_problem,
+    steps_response,
+)
+
+EVAL = Path(__file__).resolve().parents[1] / "data" / "embedded" / "eval.jsonl"
 
 
-def test_answer_and_responses_of_a_known_problem() -> None:
-    p = problems.Problem(start=2, deltas=(7, -3, 1))
-    assert p.question == "Compute 2+7-3+1."
-    assert p.values == (9, 6, 7)
-    assert p.answer == 7
-    assert p.steps == 3
-    assert problems.acc_response(p) == "9-3+1\n6+1\n7\n</think>\n\\boxed{7}"
-    assert problems.len_response(p) == "</think>\n\\boxed{7}"
+def test_left_to_right():
+    p = Problem((7, 1, 3, 2, 1), ("-", "+", "-", "+"))
+    assert p.question == "7-1+3-2+1 ="
+    assert p.running() == [6, 9, 7, 8]
+    assert p.answer == "8"
 
 
-def test_gold_answer_matches_python_evaluation_of_the_question() -> None:
-    for p in problems.generate(3, 200, 8, split="train"):
-        expression = re.fullmatch(r"Compute ([0-9+-]+)\.", p.question).group(1)
-        assert p.answer == eval(expression)  # the question is digits and +/- only
-
-
-def test_running_values_stay_in_bounds() -> None:
+def test_running_values_stay_single_digits():
     rng = random.Random(0)
-    for steps in range(1, 9):
-        for _ in range(200):
-            p = problems.random_problem(rng, steps)
-            assert p.steps == steps
-            assert all(1 <= abs(d) <= 9 for d in p.deltas)
-            values = (p.start, *p.values)
-            assert all(problems.MIN_VALUE <= v <= problems.MAX_VALUE for v in values)
+    for i in range(2000):
+        p = random_problem(rng, 1 + i % MAX_STEPS)
+        assert all(0 <= v <= 9 for v in p.running()), p
 
 
-def test_generate_is_deterministic_and_grades_difficulty() -> None:
-    a = list(problems.generate(5, 64, 8, split="eval"))
-    b = list(problems.generate(5, 64, 8, split="eval"))
-    assert a == b
-    assert [p.steps for p in a] == [1 + i % 8 for i in range(64)]
-    assert a != list(problems.generate(6, 64, 8, split="eval"))
+def test_responses():
+    p = Problem((7, 1, 3, 2, 1), ("-", "+", "-", "+"))
+    assert steps_response(p) == "7-1=6\n6+3=9\n9-2=7\n7+1=8\n</think>\n\n\\boxed{8}"
+    assert direct_response(p) == "</think>\n\n\\boxed{8}"
 
 
-def test_splits_are_disjoint_and_eval_questions_distinct() -> None:
-    eval_qs = [p.question for p in problems.generate(0, 400, 8, split="eval")]
-    assert len(set(eval_qs)) == len(eval_qs)
-    assert all(problems.in_eval_split(q) for q in eval_qs)
-    train_qs = {p.question for p in problems.generate(0, 5000, 8, split="train")}
-    assert not train_qs & set(eval_qs)
-    assert not any(problems.in_eval_split(q) for q in train_qs)
+def test_steps_out_of_range():
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 6\], got 7"):
+        random_problem(random.Random(0), 7)
 
 
-def test_eval_steps_with_too_few_questions_drop_out() -> None:
-    counts = [0] * 9
-    for p in problems.generate(0, 320, 8, split="eval"):
-        counts[p.steps] += 1
-    assert 0 < counts[1] < 40  # there are only about 90 one-step questions in all
-    assert min(counts[2:]) >= 40
+def test_training_draws_never_hit_the_eval_share():
+    rng = random.Random(3)
+    drawn = [draw(rng, 1 + i % MAX_STEPS, held_out=False) for i in range(3000)]
+    assert not any(is_eval(p.question) for p in drawn)
+    # k=1 has 110 questions, 65 of them held out: training sees all the other 45.
+    k1 = {p.question for p in drawn if p.steps == 1}
+    assert len(k1) == 45
 
 
-def test_bad_arguments_are_rejected() -> None:
-    with pytest.raises(ValueError, match="steps must be at least 1, got 0"):
-        problems.random_problem(random.Random(0), 0)
-    with pytest.raises(ValueError, match="split must be 'eval' or 'train', got 'test'"):
-        next(problems.generate(0, 1, 8, split="test"))
-    with pytest.raises(ValueError, match="distinct eval problems exist, asked for 500"):
-        list(problems.generate(0, 500, 1, split="eval"))
+def test_eval_set_is_held_out_distinct_and_graded():
+    problems = eval_set(0, 50)
+    assert len(problems) == 300
+    assert all(is_eval(p.question) for p in problems)
+    assert len({p.question for p in problems}) == 300
+    assert [sum(p.steps == k for p in problems) for k in range(1, 7)] == [50] * 6
+    assert eval_set(0, 50) == problems
+
+
+def test_committed_eval_set_matches_the_generator():
+    build = json.loads((EVAL.parent / "build.json").read_text())
+    rows = [json.loads(line) for line in EVAL.read_text().splitlines()]
+    expected = eval_set(build["seed"], build["settings"]["eval_per_steps"])
+    assert len(rows) >= 300
+    assert rows == [{"question": p.question, "answer": p.answer} for p in expected]
