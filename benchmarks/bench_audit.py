@@ -83,7 +83,9 @@ def run_phase(name: str, root: Path, out: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--root", type=Path, default=DEFAULT_ROOT)
-    p.add_argument("--out", type=Path, default=Path("/tmp/mergesweep-audit-bench"))
+    p.add_argument(
+        "--out", type=Path, default=DEFAULT_ROOT.with_name("mergesweep-audit-bench")
+    )
     p.add_argument("--layers", type=int, default=LAYERS)
     p.add_argument("--vocab", type=int, default=VOCAB)
     p.add_argument(

@@ -1,7 +1,8 @@
 """Benchmark `mergesweep merge` against the I/O floor and `mergekit-yaml`, real shapes.
 
 `nice -n 5 python -m benchmarks.bench_merge [ROOT]` from the repository root (ROOT:
-/tmp/mergesweep-bench) prints wall times, peak anonymous memory and issue 4's ratios.
+mergesweep-bench in the temp dir) prints wall times, peak anonymous memory and
+issue 4's ratios.
 """
 
 import json

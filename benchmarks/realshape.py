@@ -17,7 +17,7 @@ from stages.checkpoint import ShardedWriter, TensorSpec, qwen2_shapes
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ROOT = Path("/tmp/mergesweep-bench")
+DEFAULT_ROOT = Path(tempfile.gettempdir()) / "mergesweep-bench"
 HIDDEN, LAYERS, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 1536, 28, 8960, 12, 2, 151936
 CHUNK = 1 << 24
 ULPS = 2
