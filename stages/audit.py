@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from stages import modelfiles
-from stages.checkpoint import ST_DTYPES as DTYPES
+from stages.checkpoint import CheckpointError, read_header_from
 from stages.hashing import manifest_id, sha256_file, write_json
 from stages.merging import linear_merge
 
@@ -91,43 +91,15 @@ class Entry:
 
 def read_header(f: Any, path: Path) -> tuple[bytes, list[Entry]]:
     """The raw header bytes and the tensor entries of a safetensors file, by offset."""
-    size = os.fstat(f.fileno()).st_size
-    head = f.read(8)
-    if len(head) < 8:
-        raise AuditError(f"{path}: {size} bytes is too short for a safetensors file")
-    n = int.from_bytes(head, "little")
-    if n > size - 8 or n > 100 << 20:
-        raise AuditError(f"{path}: header length {n} exceeds the file ({size} bytes)")
-    raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AuditError(f"{path}: header is not JSON ({e})") from None
-    base = 8 + n
-    entries = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise AuditError(
-                f"{path}: tensor {name} has dtype {info.get('dtype')!r}; "
-                f"allowed: {', '.join(DTYPES)}"
-            )
-        shape = tuple(info["shape"])
-        start, end = info["data_offsets"]
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if end - start != nbytes or start < 0 or base + end > size:
-            raise AuditError(
-                f"{path}: tensor {name} spans bytes {start}..{end}, expected "
-                f"{nbytes} bytes of {info['dtype']} {list(shape)} inside the file"
-            )
-        entries.append(Entry(name, dtype, shape, base + start, base + end))
-    entries.sort(key=lambda e: e.start)
-    for prev, cur in zip(entries, entries[1:], strict=False):
-        if cur.start < prev.end:
-            raise AuditError(f"{path}: tensors {prev.name} and {cur.name} overlap")
-    return head + raw, entries
+        raw, infos = read_header_from(f, path)
+    except CheckpointError as e:
+        raise AuditError(str(e)) from None
+    entries = [
+        Entry(i.name, i.dtype, i.shape, i.offset, i.offset + i.nbytes)
+        for i in infos.values()
+    ]
+    return raw, sorted(entries, key=lambda e: e.start)
 
 
 def tensor_at(data: memoryview, entry: Entry) -> torch.Tensor:

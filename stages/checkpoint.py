@@ -8,12 +8,14 @@ import json
 import logging
 import math
 import mmap
+import os
 import queue
 import struct
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -118,25 +120,32 @@ class TensorInfo:
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse one .safetensors header, checking every entry against the file size."""
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: too short for a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or 8 + n > size:
-            raise CheckpointError(f"{path}: header length {n} exceeds the file")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: header is not JSON ({e})") from None
+        return read_header_from(f, path)[1]
+
+
+def read_header_from(f: BinaryIO, path: Path) -> tuple[bytes, dict[str, TensorInfo]]:
+    """Read the header at `f`'s position: its raw bytes (8-byte length included, for a
+    caller that hashes the file as it reads it) and its checked entries."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: too short for a safetensors file")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or 8 + n > size:
+        raise CheckpointError(f"{path}: header length {n} exceeds the file")
+    raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: header is not JSON ({e})") from None
     header.pop("__metadata__", None)
     start = 8 + n
     out = {}
     for name, entry in header.items():
         out[name] = _tensor_info(path, name, entry, start, size)
     _check_overlap(path, out.values())
-    return out
+    return head + raw, out
 
 
 def _tensor_info(
