@@ -238,6 +238,13 @@ class RecordingHFLM(HFLM):
             if n != 1:
                 raise SweepError(f"prompt carries {n} BOS tokens, not 1: {s[:80]!r}")
 
+    def generate_until(
+        self, requests: list[Any], disable_tqdm: bool = False
+    ) -> list[str]:
+        # The stage shows one bar for the sweep's points; a bar per point's requests
+        # would cost 3 ms a point in tqdm's updates and drown it.
+        return super().generate_until(requests, disable_tqdm=True)
+
     def _model_generate(
         self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any
     ) -> torch.Tensor:
@@ -441,6 +448,18 @@ def summarize(samples: list[dict]) -> dict[str, Any]:
     }
 
 
+def check_agreement(name: str, result: dict, rows: list[dict]) -> None:
+    """lm-eval's counts of correct and formatted answers equal this project's."""
+    for metric, field in (("exact_match,none", "correct"), ("formatted,none", "formatted")):
+        ours = sum(r[field] for r in rows)
+        theirs = result[metric] * len(rows)
+        if abs(theirs - ours) > 0.5:
+            raise SweepError(
+                f"{name}: lm-eval's {metric} counts {theirs:.0f} of {len(rows)} "
+                f"samples, stages.grading {ours}"
+            )
+
+
 def lm_eval_metrics(result: dict) -> dict[str, float]:
     """lm-eval's numeric metrics of one task, under lm-eval's own names."""
     return {
@@ -519,13 +538,13 @@ class PointEvaluator:
                 task_dict={"tasks": self.tasks},
                 limit=self.params.task.limit,
                 bootstrap_iters=0,
-                log_samples=True,
+                log_samples=False,
                 system_instruction=self.params.task.system_prompt,
                 apply_chat_template=True,
                 fewshot_as_multiturn=False,
             )
         evaluated = time.perf_counter()
-        samples = self.collect_samples(results["samples"])
+        samples = self.collect_samples(results["results"])
         point = self.point(w, results["results"], samples)
         end = time.perf_counter()
         point["timing"] = {
@@ -537,34 +556,33 @@ class PointEvaluator:
         }
         return point, samples
 
-    def collect_samples(self, logged: dict[str, list[dict]]) -> list[dict]:
+    def collect_samples(self, results: dict) -> list[dict]:
+        """Every sample of the point, from the requests lm-eval answered; its
+        exact_match per dataset is checked against this project's grading."""
         out = []
-        for name in self.tasks:
-            for s in sorted(logged[name], key=lambda s: s["doc_id"]):
-                prompt = s["arguments"][0][0]
+        for name, task in self.tasks.items():
+            rows = []
+            for inst in sorted(task.instances, key=lambda i: i.doc_id):
+                prompt, response = inst.arguments[0], inst.resps[0]
                 gen = self.lm.take(prompt)
-                response = s["resps"][0][0]
-                verdict = grade(response, s["doc"]["answer"])
-                if float(verdict.correct) != s["exact_match"]:
-                    raise SweepError(
-                        f"{name} doc {s['doc_id']}: lm-eval's exact_match "
-                        f"{s['exact_match']} disagrees with stages.grading"
-                    )
-                out.append(
+                verdict = grade(response, inst.doc["answer"])
+                rows.append(
                     {
                         "dataset": name,
-                        "doc_id": s["doc_id"],
-                        "question": s["doc"]["question"],
+                        "doc_id": inst.doc_id,
+                        "question": inst.doc["question"],
                         "prompt": prompt,
                         "response": response,
                         "tokens": gen.tokens,
                         "truncated": gen.truncated,
                         "extracted": verdict.extracted,
-                        "gold": s["doc"]["answer"],
+                        "gold": inst.doc["answer"],
                         "correct": verdict.correct,
                         "formatted": verdict.formatted,
                     }
                 )
+            check_agreement(name, results[name], rows)
+            out.extend(rows)
         leftover = sum(len(v) for v in self.lm.records.values())
         if leftover:
             raise SweepError(f"{leftover} generations were not matched to a sample")
