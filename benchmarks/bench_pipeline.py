@@ -39,28 +39,32 @@ def main() -> None:
     wall = time.perf_counter() - start
 
     points = json.loads((repo / "reports/sweep/results.json").read_text())
-    gen = sum(p["timing"]["generate_s"] for p in points)
-    total = sum(p["timing"]["total_s"] for p in points)
+    t = {k: sum(p["timing"][k] for p in points) for k in points[0]["timing"]}
+    gen = t["generate_s"]
+    once = t["load_s"] + t["setup_s"]
+    per_point = t["total_s"] - gen - once
     print(f"cpus: {os.cpu_count()}, load average: {os.getloadavg()[0]:.2f}")
     print(f"dvc repro from a clean clone: {wall:.1f} s (target <= 180 s)")
+    print(f"sweep points: {len(points)}, generation {gen:.2f} s")
     print(
-        f"sweep points: {len(points)}, generation {gen:.1f} s, "
-        f"per-point total {total:.1f} s"
+        f"per-point overhead (merge, lm-eval's bookkeeping and scoring, samples, "
+        f"cache write): {per_point:.3f} s = {100 * per_point / gen:.2f}% of "
+        f"generation (target <= 5%)"
     )
     print(
-        f"per-point overhead: {total - gen:.2f} s = "
-        f"{100 * (total - gen) / gen:.2f}% of generation (target <= 5%)"
+        f"one-time, for the whole sweep: load {t['load_s']:.3f} s, prompts built and "
+        f"tokenized {t['setup_s']:.3f} s = {100 * once / gen:.2f}% of generation"
     )
-    load = sum(p["timing"]["load_s"] for p in points)
     print(
-        f"  of which the one-time load, shared out: {load:.2f} s; without it "
-        f"{100 * (total - gen - load) / gen:.2f}%"
+        f"all but generation, one-time included: {per_point + once:.3f} s = "
+        f"{100 * (per_point + once) / gen:.2f}% of generation"
     )
+    print("  weight  generate  setup  merge  score  write (s)")
     for p in points:
-        t = p["timing"]
+        pt = p["timing"]
         print(
-            f"  w={p['weight']:.2f}  generate {t['generate_s']:.2f} s  "
-            f"overhead {t['total_s'] - t['generate_s']:.2f} s"
+            f"  {p['weight']:.2f}    {pt['generate_s']:.3f}     {pt['setup_s']:.3f}  "
+            f"{pt['merge_s']:.3f}  {pt['score_s']:.3f}  {pt['write_s']:.3f}"
         )
 
 

@@ -4,6 +4,7 @@ Reads params sections task, eval, sweep and merge; known points come from a cach
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -30,7 +31,14 @@ from lm_eval import evaluator
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from tqdm import tqdm
-from transformers import AutoConfig, AutoTokenizer, Qwen2ForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    Qwen2ForCausalLM,
+)
+from transformers.initialization import no_init_weights
 
 from stages import paths
 from stages.checkpoint import Checkpoint, CheckpointError, dtype_from_name
@@ -47,6 +55,7 @@ TASK = "mergesweep_math"
 CODE_FILES = ("sweep.py", "grading.py", "merging.py", "checkpoint.py")
 PACKAGES = ("torch", "transformers", "tokenizers", "lm_eval", "math-verify")
 POINT_FORMAT = "mergesweep-point/1"
+GENERATION_CONFIG = "generation_config.json"
 # Generating with a tiny model on the CPU is all small matmuls and Python: one thread
 # took 1.1 s where two took 14.1 s (64 prompts x 32 tokens, 2 cores shared, load 4.8).
 CPU_EVAL_THREADS = 1
@@ -193,6 +202,7 @@ class RecordingHFLM(HFLM):
         self.records: dict[str, list[Generation]] = defaultdict(list)
         self.generate_s = 0.0
         self.generate_total_s = 0.0
+        self.encode_s = 0.0  # tokenizing prompts the caches below had not seen
         self._contexts: list[str] = []
         self._templated: dict[tuple, str] = {}
         self._encoded: dict[tuple[str, bool | None, int | None], list[int]] = {}
@@ -208,11 +218,13 @@ class RecordingHFLM(HFLM):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         key = (tuple(strings), padding_side, left_truncate_len, truncation)
         if key not in self._batches:
+            start = time.perf_counter()
             ids, mask = super().tok_batch_encode(
                 strings, padding_side=padding_side, truncation=truncation
             )
             self._check_prompts(strings, ids, mask, left_truncate_len)
             self._batches[key] = ids, mask
+            self.encode_s += time.perf_counter() - start
         self._contexts = list(strings)
         ids, mask = self._batches[key]
         return ids.clone(), mask.clone()
@@ -293,8 +305,25 @@ class RecordingHFLM(HFLM):
             )
         key = (string, add_special_tokens, left_truncate_len)
         if key not in self._encoded:
+            start = time.perf_counter()
             self._encoded[key] = super().tok_encode(*key)
+            self.encode_s += time.perf_counter() - start
         return list(self._encoded[key])
+
+    def tok_decode(self, tokens: Any, skip_special_tokens: bool = True) -> str:
+        # lm-eval decodes each response through the tokenizer's Python wrapper, which
+        # spends most of its 20 us checking the ids' types; for a list of ids and no
+        # clean-up, the Rust tokenizer it wraps returns the same text in a third of it.
+        if isinstance(tokens, list) and self._plain_decode:
+            return self.tokenizer.backend_tokenizer.decode(
+                tokens, skip_special_tokens=skip_special_tokens
+            )
+        return super().tok_decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    @functools.cached_property
+    def _plain_decode(self) -> bool:
+        tok = self.tokenizer
+        return tok.is_fast and not tok.clean_up_tokenization_spaces
 
     def take(self, context: str) -> Generation:
         """The oldest unclaimed record of `context`: lm-eval keeps request order."""
@@ -336,8 +365,15 @@ def load_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
 
 
 def build_model(donor: Path, plan: MergePlan, device: torch.device) -> Qwen2ForCausalLM:
-    """The donor's architecture in the merge dtype, untied when the merge has its own
-    lm_head (as the release's config.json is)."""
+    """The donor's architecture and generation config in the merge dtype, untied when
+    the merge has its own lm_head (as the release's config.json is).
+
+    Its weights are left unset: the merge writes every one (merge_targets checks) before
+    any point runs. Reading the donor's weights only to overwrite them took 0.13 s of
+    the embedded sweep's 0.16 s load, most of it transformers' first from_pretrained.
+    The model is built on the CPU, as from_pretrained does, so its rotary tables are the
+    bits a loaded release has; then moved.
+    """
     config = AutoConfig.from_pretrained(donor, trust_remote_code=False)
     if config.model_type != "qwen2":
         raise SweepError(
@@ -345,13 +381,13 @@ def build_model(donor: Path, plan: MergePlan, device: torch.device) -> Qwen2ForC
         )
     if any(j.name == LM_HEAD for j in plan.jobs):
         config.tie_word_embeddings = False
-    model = Qwen2ForCausalLM.from_pretrained(
-        donor,
-        config=config,
-        dtype=plan.dtype,
-        use_safetensors=True,
-        trust_remote_code=False,
-    )
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=plan.dtype, trust_remote_code=False
+        )
+    model.tie_weights()  # init_weights, skipped above, is where construction ties
+    if (donor / GENERATION_CONFIG).is_file():
+        model.generation_config = GenerationConfig.from_pretrained(donor)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -450,7 +486,10 @@ def summarize(samples: list[dict]) -> dict[str, Any]:
 
 def check_agreement(name: str, result: dict, rows: list[dict]) -> None:
     """lm-eval's counts of correct and formatted answers equal this project's."""
-    for metric, field in (("exact_match,none", "correct"), ("formatted,none", "formatted")):
+    for metric, field in (
+        ("exact_match,none", "correct"),
+        ("formatted,none", "formatted"),
+    ):
         ours = sum(r[field] for r in rows)
         theirs = result[metric] * len(rows)
         if abs(theirs - ours) > 0.5:
@@ -518,7 +557,10 @@ class PointEvaluator:
         torch.manual_seed(s)
 
     def evaluate(self, w: float) -> tuple[dict, list[dict]]:
-        """The point at weight `w` and its samples; timing excludes the shared load."""
+        """The point at weight `w` and its samples, with its timing (seconds): merge,
+        generation, setup (building and tokenizing the prompts, which the first point
+        does for all), score (the rest: lm-eval's bookkeeping and metrics, the
+        samples), total. run_sweep adds the cache write and a share of the load."""
         start = time.perf_counter()
         with cpu_threads(self.device, CPU_EVAL_THREADS):
             merge_into(
@@ -532,6 +574,7 @@ class PointEvaluator:
         merged = time.perf_counter()
         self.seed()
         self.lm.generate_s = 0.0
+        setup_before = self.setup_s()
         with torch.inference_mode(), cpu_threads(self.device, CPU_EVAL_THREADS):
             results = evaluator.evaluate(
                 lm=self.lm,
@@ -543,18 +586,25 @@ class PointEvaluator:
                 apply_chat_template=True,
                 fewshot_as_multiturn=False,
             )
-        evaluated = time.perf_counter()
         samples = self.collect_samples(results["results"])
         point = self.point(w, results["results"], samples)
         end = time.perf_counter()
+        setup = self.setup_s() - setup_before
+        generate = self.lm.generate_s
         point["timing"] = {
             "load_s": 0.0,
+            "setup_s": setup,
             "merge_s": merged - start,
-            "generate_s": self.lm.generate_s,
-            "grade_s": (evaluated - merged - self.lm.generate_s) + (end - evaluated),
+            "generate_s": generate,
+            "score_s": end - merged - generate - setup,
+            "write_s": 0.0,
             "total_s": end - start,
         }
         return point, samples
+
+    def setup_s(self) -> float:
+        """Time spent so far building requests and tokenizing prompts (cache misses)."""
+        return self.lm.encode_s + sum(t.build_s for t in self.tasks.values())
 
     def collect_samples(self, results: dict) -> list[dict]:
         """Every sample of the point, from the requests lm-eval answered; its
@@ -624,8 +674,6 @@ def run_sweep(
     ev = PointEvaluator(params, len_dir, acc_dir) if todo else None
     for w in tqdm(todo, desc="sweep points", unit="point"):
         point, samples = ev.evaluate(w)
-        point["timing"]["load_s"] = ev.load_s / len(todo)
-        point["timing"]["total_s"] += point["timing"]["load_s"]
         records[w] = {
             "format": POINT_FORMAT,
             "key": keys[w],
@@ -633,7 +681,12 @@ def run_sweep(
             "point": point,
             "samples": samples,
         }
+        start = time.perf_counter()
         write_cached(cache / f"{keys[w]}.json", records[w])
+        timing = point["timing"]  # results.json's copy; the cached one has no write_s
+        timing["write_s"] = time.perf_counter() - start
+        timing["load_s"] = ev.load_s / len(todo)
+        timing["total_s"] += timing["write_s"] + timing["load_s"]
     points = [records[w]["point"] | {"cached": w not in todo} for w in sorted(records)]
     if ev is not None:
         log_summary(params, ev, len(todo))

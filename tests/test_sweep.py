@@ -16,6 +16,7 @@ from _sweep_fixtures import (
     params_dict,
     write_eval,
 )
+from transformers import Qwen2ForCausalLM
 
 from stages import sweep
 from stages.checkpoint import Checkpoint
@@ -152,6 +153,20 @@ def test_release_equals_the_in_memory_merge(
     for name in released.tensors:
         assert torch.equal(state[name], released.tensor(name)), name
 
+    # The model the sweep builds without reading weights is the release as
+    # transformers loads it: every parameter and buffer, the config, the outputs.
+    loaded = Qwen2ForCausalLM.from_pretrained(out, dtype=ev.dtype).eval()
+    ours = dict(ev.model.named_parameters()) | dict(ev.model.named_buffers())
+    theirs = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
+    assert ours.keys() == theirs.keys()
+    for name, t in theirs.items():
+        assert torch.equal(ours[name], t), name
+    assert ev.model.generation_config.to_dict() == loaded.generation_config.to_dict()
+    assert ev.model.generation_config.eos_token_id is not None
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.inference_mode():
+        assert torch.equal(ev.model(ids).logits, loaded(ids).logits)
+
 
 def test_model_tensors_outside_the_checkpoint_are_an_error(
     evaluator: sweep.PointEvaluator,
@@ -191,6 +206,21 @@ def test_templated_prompt_is_encoded_with_one_bos(
     ids, _ = evaluator.lm.tok_batch_encode([prompt])
     assert (ids[0] == tok.bos_token_id).sum().item() == 1
     assert ids[0, 0].item() == tok.bos_token_id
+
+
+def test_fast_decode_gives_the_tokenizers_text(
+    evaluator: sweep.PointEvaluator,
+) -> None:
+    lm, tok = evaluator.lm, evaluator.lm.tokenizer
+    assert lm._plain_decode
+    rows = torch.randint(
+        0, len(tok), (50, 30), generator=torch.Generator().manual_seed(0)
+    )
+    rows = rows.tolist() + [tok.encode("<think>7 - 3</think> \\boxed{4}")]
+    for row in rows:
+        for skip in (True, False):
+            want = tok.decode(row, skip_special_tokens=skip)
+            assert lm.tok_decode(row, skip_special_tokens=skip) == want
 
 
 def test_a_prompt_with_two_bos_is_refused(evaluator: sweep.PointEvaluator) -> None:
