@@ -158,8 +158,9 @@ def read_cached(path: Path) -> dict | None:
 def write_cached(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    # json.dumps: json.dump streams through the pure-Python encoder, 3x slower here.
     with os.fdopen(fd, "w") as f:
-        json.dump(record, f, sort_keys=True)
+        f.write(json.dumps(record, sort_keys=True))
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
@@ -674,6 +675,9 @@ def run_sweep(
     ev = PointEvaluator(params, len_dir, acc_dir) if todo else None
     for w in tqdm(todo, desc="sweep points", unit="point"):
         point, samples = ev.evaluate(w)
+        timing = point["timing"]
+        timing["load_s"] = ev.load_s / len(todo)
+        timing["total_s"] += timing["load_s"]
         records[w] = {
             "format": POINT_FORMAT,
             "key": keys[w],
@@ -683,10 +687,9 @@ def run_sweep(
         }
         start = time.perf_counter()
         write_cached(cache / f"{keys[w]}.json", records[w])
-        timing = point["timing"]  # results.json's copy; the cached one has no write_s
+        # Known only once written: results.json has it, the cache entry has 0.
         timing["write_s"] = time.perf_counter() - start
-        timing["load_s"] = ev.load_s / len(todo)
-        timing["total_s"] += timing["write_s"] + timing["load_s"]
+        timing["total_s"] += timing["write_s"]
     points = [records[w]["point"] | {"cached": w not in todo} for w in sorted(records)]
     if ev is not None:
         log_summary(params, ev, len(todo))

@@ -320,16 +320,17 @@ def test_points_carry_every_field_the_report_reads(swept) -> None:
     assert [p["weight"] for p in points] == [0.0, 1.0]
     for p in points:
         assert p["n"] == 6 and p["cached"] is False
-        assert set(p["timing"]) == {
-            "load_s",
-            "merge_s",
-            "generate_s",
-            "grade_s",
-            "total_s",
-        }
+        t = p["timing"]
+        parts = ("load_s", "setup_s", "merge_s", "generate_s", "score_s", "write_s")
+        assert set(t) == {*parts, "total_s"}
+        assert t["total_s"] == pytest.approx(sum(t[k] for k in parts), abs=1e-9)
+        assert all(t[k] > 0 for k in parts if k != "setup_s")
         assert p["lm_eval"]["exact_match,none"] == p["accuracy"]
         assert p["lm_eval"]["formatted,none"] == p["format_rate"]
         assert p["datasets"]["toy"]["n"] == 6
+    # The first point builds and tokenizes the prompts; the next reuses them.
+    assert points[0]["timing"]["setup_s"] > 0
+    assert points[1]["timing"]["setup_s"] == 0
     row = samples[0.0][0]
     assert set(row) == {
         "dataset", "doc_id", "question", "prompt", "response", "tokens",
@@ -346,8 +347,19 @@ def test_unchanged_points_come_from_the_cache(swept, world: dict[str, Path]) -> 
     )
     assert [p["cached"] for p in again] == [True, True]
     assert again_samples == samples
-    strip = [{k: v for k, v in p.items() if k != "cached"} for p in again]
-    assert strip == [{k: v for k, v in p.items() if k != "cached"} for p in points]
+
+    def strip(p: dict) -> dict:
+        # A point's cache write is timed after the write: only results.json has it.
+        timing = {
+            k: v for k, v in p["timing"].items() if k not in ("write_s", "total_s")
+        }
+        return {k: v for k, v in p.items() if k != "cached"} | {"timing": timing}
+
+    assert [strip(p) for p in again] == [strip(p) for p in points]
+    for old, new in zip(points, again, strict=True):
+        assert new["timing"]["write_s"] == 0.0
+        fresh = old["timing"]["total_s"] - old["timing"]["write_s"]
+        assert new["timing"]["total_s"] == pytest.approx(fresh, rel=1e-12)
 
 
 def test_an_added_weight_evaluates_one_point(swept, world: dict[str, Path]) -> None:
