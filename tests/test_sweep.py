@@ -66,6 +66,12 @@ def test_count_stops_at_first_eos_and_includes_it() -> None:
     assert (gen.ids, gen.tokens, gen.truncated) == ((5, 6, 9), 3, False)
 
 
+def test_count_stops_at_whichever_eos_comes_first() -> None:
+    for row, n in (([5, 8, 6, 9], 2), ([5, 9, 6, 8], 2), ([9, 8], 1)):
+        gen = sweep.count_generated(row, frozenset({9, 8}), pad_id=0, max_new=4)
+        assert (gen.ids, gen.tokens, gen.truncated) == (tuple(row[:n]), n, False)
+
+
 def test_count_without_eos_at_the_limit_is_truncated() -> None:
     gen = sweep.count_generated([5, 6, 7], frozenset({9}), pad_id=0, max_new=3)
     assert (gen.tokens, gen.truncated) == (3, True)
@@ -212,7 +218,7 @@ def test_fast_decode_gives_the_tokenizers_text(
     evaluator: sweep.PointEvaluator,
 ) -> None:
     lm, tok = evaluator.lm, evaluator.lm.tokenizer
-    assert lm._plain_decode
+    assert lm._plain_decoder is not None
     rows = torch.randint(
         0, len(tok), (50, 30), generator=torch.Generator().manual_seed(0)
     )
