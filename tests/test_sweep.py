@@ -289,6 +289,35 @@ def test_blank_lines_do_not_stop_generation(world: dict[str, Path]) -> None:
     }
 
 
+def test_a_reused_evaluator_gives_what_a_fresh_one_gives(
+    world: dict[str, Path],
+) -> None:
+    # lm-eval's requests are built at the first point and reused: the next point
+    # must see none of the last one's responses.
+    params = make_params(world, [0.0, 1.0])
+    reused = sweep.PointEvaluator(params, world["len"], world["acc"])
+    _, at_0 = reused.evaluate(0.0)
+    task = reused.tasks["toy"]
+    built = [id(i) for i in task.instances]
+    _, at_1 = reused.evaluate(1.0)
+    assert [id(i) for i in task.instances] == built
+    assert all(len(i.resps) == 1 for i in task.instances)
+    _, fresh = sweep.PointEvaluator(params, world["len"], world["acc"]).evaluate(1.0)
+    assert at_1 == fresh
+    assert [s["response"] for s in at_1] != [s["response"] for s in at_0]
+
+
+def test_the_task_builds_again_when_the_arguments_change(
+    evaluator: sweep.PointEvaluator,
+) -> None:
+    task = sweep.load_tasks(evaluator.params)["toy"]
+    task.build_all_requests(limit=None)
+    assert len(task.instances) == len(PROBLEMS)
+    task.build_all_requests(limit=2)
+    assert len(task.instances) == 2
+    assert task.build_s > 0
+
+
 def test_datasets_are_split_and_pooled_with_a_system_prompt(
     world: dict[str, Path], tmp_path: Path
 ) -> None:
