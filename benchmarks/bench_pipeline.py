@@ -24,6 +24,18 @@ def main() -> None:
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     repo = work / "repo"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
+    head = subprocess.run(
+        ["git", "log", "-1", "--format=%h %s"], cwd=repo, text=True, capture_output=True
+    ).stdout.strip()
+    print(f"measuring the last commit (a clean clone): {head}")
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+    ).stdout
+    if dirty:
+        print("note: the working tree has uncommitted changes, which are not measured")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.update(

@@ -289,22 +289,28 @@ def test_blank_lines_do_not_stop_generation(world: dict[str, Path]) -> None:
     }
 
 
+@pytest.mark.parametrize("sampled", [False, True])
 def test_a_reused_evaluator_gives_what_a_fresh_one_gives(
-    world: dict[str, Path],
+    world: dict[str, Path], sampled: bool
 ) -> None:
-    # lm-eval's requests are built at the first point and reused: the next point
-    # must see none of the last one's responses.
-    params = make_params(world, [0.0, 1.0])
+    # lm-eval's requests are built at the first point and reused: the next point must
+    # see none of the last one's responses, and (sampling) the same random state.
+    params = make_params(world, [0.0, 0.3], do_sample=sampled, temperature=1.0)
     reused = sweep.PointEvaluator(params, world["len"], world["acc"])
     _, at_0 = reused.evaluate(0.0)
     task = reused.tasks["toy"]
     built = [id(i) for i in task.instances]
-    _, at_1 = reused.evaluate(1.0)
+    _, at_3 = reused.evaluate(0.3)
     assert [id(i) for i in task.instances] == built
     assert all(len(i.resps) == 1 for i in task.instances)
-    _, fresh = sweep.PointEvaluator(params, world["len"], world["acc"]).evaluate(1.0)
-    assert at_1 == fresh
-    assert [s["response"] for s in at_1] != [s["response"] for s in at_0]
+    _, fresh = sweep.PointEvaluator(params, world["len"], world["acc"]).evaluate(0.3)
+    assert at_3 == fresh
+    assert [s["response"] for s in at_3] != [s["response"] for s in at_0]
+    if sampled:  # a fresh evaluator's first point is the reused one's first point
+        _, again = sweep.PointEvaluator(params, world["len"], world["acc"]).evaluate(
+            0.0
+        )
+        assert again == at_0
 
 
 def test_the_task_builds_again_when_the_arguments_change(
