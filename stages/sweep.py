@@ -389,9 +389,27 @@ def build_model(donor: Path, plan: MergePlan, device: torch.device) -> Qwen2ForC
             config, dtype=plan.dtype, trust_remote_code=False
         )
     model.tie_weights()  # init_weights, skipped above, is where construction ties
-    if (donor / GENERATION_CONFIG).is_file():
-        model.generation_config = GenerationConfig.from_pretrained(donor)
+    model.generation_config = load_generation_config(donor)
     return model.to(device).eval().requires_grad_(False)
+
+
+def load_generation_config(donor: Path) -> GenerationConfig:
+    """The donor's generation settings as from_pretrained finds them: its
+    generation_config.json, else those an older config.json carries.
+
+    A generation_config.json that does not parse is an error here; from_pretrained
+    would quietly fall back to config.json.
+    """
+    path = donor / GENERATION_CONFIG
+    try:
+        if path.is_file():
+            return GenerationConfig.from_pretrained(donor)
+        return GenerationConfig.from_pretrained(
+            donor, config_file_name="config.json", _from_model_config=True
+        )
+    except (OSError, ValueError) as e:
+        file = path if path.is_file() else donor / "config.json"
+        raise SweepError(f"{file}: not a valid generation config ({e})") from None
 
 
 def merge_targets(
@@ -612,13 +630,23 @@ class PointEvaluator:
         return self.lm.encode_s + sum(t.build_s for t in self.tasks.values())
 
     def collect_samples(self, results: dict) -> list[dict]:
-        """Every sample of the point, from the requests lm-eval answered; its
-        exact_match per dataset is checked against this project's grading."""
+        """Every sample of the point, from the requests lm-eval answered.
+
+        lm-eval scored each sample's filtered response with the task's hook, which
+        grades as this does: a response its filters changed, or counts of correct or
+        formatted answers that differ, stop the sweep.
+        """
         out = []
         for name, task in self.tasks.items():
             rows = []
             for inst in sorted(task.instances, key=lambda i: i.doc_id):
                 prompt, response = inst.arguments[0], inst.resps[0]
+                for key, scored in inst.filtered_resps.items():
+                    if scored != response:
+                        raise SweepError(
+                            f"{name} doc {inst.doc_id}: lm-eval scored {scored!r} "
+                            f"(filter {key}), the model answered {response!r}"
+                        )
                 gen = self.lm.take(prompt)
                 verdict = grade(response, inst.doc["answer"])
                 rows.append(

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from transformers import Qwen2ForCausalLM
 
 from stages import sweep
 from stages.checkpoint import Checkpoint
-from stages.merging import linear_merge
+from stages.merging import linear_merge, plan_merge
 from stages.params import parse_params
 from stages.tasks.mergesweep_math import EvalDataError, read_jsonl
 
@@ -174,6 +175,37 @@ def test_release_equals_the_in_memory_merge(
         assert torch.equal(ev.model(ids).logits, loaded(ids).logits)
 
 
+def donor_copy(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+def test_generation_settings_in_config_json_are_kept_as_from_pretrained_keeps_them(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    # An older checkpoint: no generation_config.json, its settings in config.json.
+    donor = donor_copy(world["acc"], tmp_path / "acc")
+    (donor / "generation_config.json").unlink()
+    config = json.loads((donor / "config.json").read_text())
+    config |= {"repetition_penalty": 3.0, "no_repeat_ngram_size": 2}
+    (donor / "config.json").write_text(json.dumps(config))
+    plan = plan_merge([Checkpoint(world["len"]), Checkpoint(donor)])
+    ours = sweep.build_model(donor, plan, torch.device("cpu")).generation_config
+    theirs = Qwen2ForCausalLM.from_pretrained(donor).generation_config
+    assert ours.repetition_penalty == 3.0 and ours.no_repeat_ngram_size == 2
+    assert ours.to_dict() == theirs.to_dict()
+
+
+def test_a_broken_generation_config_is_an_error_naming_it(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    donor = donor_copy(world["acc"], tmp_path / "acc")
+    (donor / "generation_config.json").write_text('{"eos_token_id": 257,')
+    plan = plan_merge([Checkpoint(world["len"]), Checkpoint(donor)])
+    with pytest.raises(sweep.SweepError, match="generation_config.json: not a valid"):
+        sweep.build_model(donor, plan, torch.device("cpu"))
+
+
 def test_model_tensors_outside_the_checkpoint_are_an_error(
     evaluator: sweep.PointEvaluator,
 ) -> None:
@@ -311,6 +343,33 @@ def test_a_reused_evaluator_gives_what_a_fresh_one_gives(
             0.0
         )
         assert again == at_0
+
+
+def test_set_config_after_a_point_applies_to_the_next(world: dict[str, Path]) -> None:
+    ev = sweep.PointEvaluator(make_params(world, [0.0]), world["len"], world["acc"])
+    assert ev.evaluate(0.0)[0]["mean_tokens"] == MAX_GEN
+    task = ev.tasks["toy"]
+    task.set_config(
+        "generation_kwargs", sweep.gen_kwargs(ev.params) | {"max_gen_toks": 5}
+    )
+    assert ev.evaluate(0.0)[0]["mean_tokens"] == 5
+    assert task.dump_config()["generation_kwargs"]["max_gen_toks"] == 5
+
+
+def test_a_response_lm_eval_scored_differently_stops_the_sweep(
+    world: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ev = sweep.PointEvaluator(make_params(world, [0.0]), world["len"], world["acc"])
+    task = ev.tasks["toy"]
+    apply_filters = task.apply_filters
+
+    def altering_filter() -> None:  # a filter that rewrites one response
+        apply_filters()
+        task.instances[2].filtered_resps["none"] += " \\boxed{1}"
+
+    monkeypatch.setattr(task, "apply_filters", altering_filter)
+    with pytest.raises(sweep.SweepError, match="toy doc 2: lm-eval scored"):
+        ev.evaluate(0.0)
 
 
 def test_the_task_builds_again_when_the_arguments_change(

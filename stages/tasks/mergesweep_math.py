@@ -82,7 +82,7 @@ class MathTask(ConfigurableTask):
     generation) and serializes the task's config into each result, reading every hook's
     source with inspect (1.4 ms). The first build is kept, and a later call with the
     same arguments only clears the responses the previous point left on its requests;
-    the config is dumped again only after set_config.
+    the dumped config is kept too. set_config drops both.
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -104,6 +104,8 @@ class MathTask(ConfigurableTask):
         self.build_s += time.perf_counter() - start
 
     def set_config(self, key: str, value: Any, update: bool = False) -> None:
+        # Requests carry copies of the config (generation_kwargs): build them again.
+        self._built_with = None
         self._dumped = None
         super().set_config(key, value, update)
 
