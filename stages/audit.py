@@ -1286,7 +1286,7 @@ def tag_release(model_dir: Path, report: dict) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
-        tag_release_version(model_dir.name, release_tags(report))
+        tag_release_version(model_dir.name, model_dir, release_tags(report))
     except MlflowException as e:
         log.warning("not tagging the MLflow model version of %s: %s", model_dir.name, e)
 

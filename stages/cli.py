@@ -1,10 +1,11 @@
-"""The `mergesweep` command: merge, audit, ui, lock, recipe."""
+"""The `mergesweep` command: merge, audit, suites, ui, lock, recipe."""
 
 import argparse
 import importlib
 import logging
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -15,6 +16,12 @@ from stages.lockfile import Pin, write_lock
 from stages.params import ParamsError, load_params
 
 log = logging.getLogger(__name__)
+
+# What to run after `mergesweep recipe NAME`.
+RECIPE_NEXT = {
+    "real": "mergesweep suites --out data/suites && mergesweep lock && dvc repro",
+    "embedded": "mergesweep lock && dvc repro",
+}
 
 # Subcommands that parse their own arguments: name -> (module, entry point, help).
 DELEGATED = {
@@ -57,8 +64,21 @@ def apply_recipe(name: str, root: Path, params_path: Path) -> Path:
     return recipe
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail now, not inside mlflow's server (which logs the error and exits 0)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise RuntimeError(
+                f"cannot serve on {host}:{port} ({e.strerror}); another UI may be "
+                "running there: pass --port with a free port"
+            ) from None
+
+
 def serve_ui(host: str, port: int, workers: int) -> NoReturn:
     """Serve the MLflow UI for this project's store, on loopback by default."""
+    check_port_free(host, port)
     uri = tracking.tracking_uri()
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     cmd += ["--host", host, "--port", str(port), "--workers", str(workers)]
@@ -76,10 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, _, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
-    ui = sub.add_parser("ui", help="serve the MLflow UI for this project's store")
-    ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
-    ui.add_argument("--workers", type=int, default=1)
+    ui = sub.add_parser(
+        "ui",
+        help="serve the MLflow UI for this project's store",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    ui.add_argument("--port", type=int, default=5000, help="port to listen on")
+    ui.add_argument("--workers", type=int, default=1, help="server worker processes")
     lk = sub.add_parser("lock", help="pin each constituent's revision for DVC")
     lk.add_argument("--params", type=Path, default=Path("params.yaml"))
     lk.add_argument("--lock", type=Path, default=LOCK)
@@ -106,9 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "recipe":
             recipe = apply_recipe(args.name, paths.repo_root(), args.params)
-            print(
-                f"params.yaml is now {recipe.name}; next: mergesweep lock && dvc repro"
-            )
+            then = RECIPE_NEXT.get(args.name, RECIPE_NEXT["embedded"])
+            print(f"params.yaml is now {recipe.name}; next: {then}")
             return 0
     except (ParamsError, ValueError, RuntimeError) as e:
         print(f"mergesweep {args.command}: {e}", file=sys.stderr)

@@ -142,7 +142,15 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params_or_exit(args.params)
     c = params.constituents[args.name]
     pin = read_lock(LOCK).get(args.name)
-    prov = fetch(args.name, c, pin, args.out)
+    errors: tuple[type[Exception], ...] = (FetchError,)
+    if hub_source(c.source) is not None:
+        from stages.hub import HubError
+
+        errors += (HubError,)
+    try:
+        prov = fetch(args.name, c, pin, args.out)
+    except errors as e:
+        raise SystemExit(f"error: fetch@{args.name}: {e}") from None
     size = sum(f["size"] for f in prov["files"].values())
     log.info(
         "fetched %s from %s at %s: %d files, %.1f MB in %.1f s",

@@ -575,10 +575,15 @@ def _hub_errors(
     where = f"{repo_type} {repo_id}@{revision}" + (f" file {path}" if path else "")
     page = f"{_endpoint()}/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
     if _offline():
+        instead = (
+            "use a local folder as the constituent's source"
+            if repo_type == "model"
+            else "run `mergesweep suites` where the hub is reachable and copy its "
+            "--out folder here"
+        )
         raise HubOfflineError(
             f"{where}: HF_HUB_OFFLINE is set, so the hub is not contacted; unset "
-            "HF_HUB_OFFLINE (in the environment the process starts with), or use a "
-            "local folder as the source"
+            f"HF_HUB_OFFLINE (in the environment the process starts with), or {instead}"
         )
     try:
         yield

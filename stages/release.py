@@ -32,7 +32,7 @@ from stages.checkpoint import (
     dtype_from_name,
     dtype_name,
 )
-from stages.hashing import manifest, manifest_id, sha256_file
+from stages.hashing import manifest, manifest_id, sha256_file, write_json
 from stages.merging import (
     LM_HEAD,
     NAMES,
@@ -378,12 +378,25 @@ def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__)
     for flag in ("--len", "--acc", "--results", "--out"):
         p.add_argument(flag, type=Path, required=True)
+    p.add_argument(
+        "--record",
+        type=Path,
+        help="write the registered model version here (JSON: name, version, run_id, "
+        "source, provenance_sha256)",
+    )
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = load_params_or_exit(args.params)
     start = time.perf_counter()
     row = eval_row(args.results, params.release.weight)
+    if row is None:
+        log.warning(
+            "release.weight %s is not a point of the sweep in %s: the model card gets "
+            "no evaluation and metrics.json no release entry; add it to sweep.weights",
+            params.release.weight,
+            args.results,
+        )
     out = write_release(
         args.len,
         args.acc,
@@ -395,11 +408,14 @@ def main(argv: list[str] | None = None) -> Path:
         eval_table=row,
     )
     _log_done(out, start)
-    register(out, params, row)
+    record = register(out, params, row)
+    if args.record is not None:
+        args.record.parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.record, record)
     return out
 
 
-def register(out: Path, params: Params, row: dict | None) -> None:
+def register(out: Path, params: Params, row: dict | None) -> dict[str, object]:
     """Log the release to MLflow and register it as `release.name`@released."""
     from stages import tracking
 
@@ -409,7 +425,7 @@ def register(out: Path, params: Params, row: dict | None) -> None:
     }
     keys = [k for k, _ in modelcard.EVAL_COLUMNS]
     metrics = {k: float(row[k]) for k in keys if k in (row or {})}
-    tracking.register_release(
+    return tracking.register_release(
         params.mlflow.experiment,
         params.release.name,
         out,

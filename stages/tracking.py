@@ -13,10 +13,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from stages import paths
+from stages.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
 RELEASED_ALIAS = "released"
+# The sha256 of the release folder's provenance.json, on its model version: what ties a
+# registered version to one written folder (a rerun writes another provenance).
+PROVENANCE_TAG = "mergesweep.provenance_sha256"
 _INVALID = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
@@ -132,11 +136,16 @@ def register_release(
     params: dict[str, object],
     metrics: dict[str, float],
     tags: dict[str, str],
-) -> str:
-    """Log the release as a run and register it as `name`@released, by reference."""
+) -> dict[str, object]:
+    """Log the release as a run and register it as `name`@released, by reference.
+
+    Returns the record the release stage writes: name, version, run id, source, and
+    the provenance hash the version is tagged with.
+    """
     import mlflow
     from mlflow import MlflowClient
 
+    provenance = sha256_file(model_dir / "provenance.json")
     exp_id = experiment(experiment_name)
     with mlflow.start_run(
         experiment_id=exp_id, run_name=f"release {name}", tags=tags
@@ -152,20 +161,54 @@ def register_release(
             client.create_registered_model(name)
         # The weights stay where the release stage wrote them: the version points there.
         version = client.create_model_version(
-            name, source=model_dir.resolve().as_uri(), run_id=run.info.run_id, tags=tags
+            name,
+            source=model_dir.resolve().as_uri(),
+            run_id=run.info.run_id,
+            tags=tags | {PROVENANCE_TAG: provenance},
         )
         client.set_registered_model_alias(name, RELEASED_ALIAS, version.version)
     log.info("registered %s version %s as @%s", name, version.version, RELEASED_ALIAS)
-    return version.version
+    return {
+        "name": name,
+        "version": version.version,
+        "run_id": run.info.run_id,
+        "source": version.source,
+        "provenance_sha256": provenance,
+    }
 
 
-def tag_release_version(name: str, tags: dict[str, str]) -> None:
-    """Set tags (e.g. the audit's verdict) on the version aliased `released`."""
+def tag_release_version(name: str, model_dir: Path, tags: dict[str, str]) -> str | None:
+    """Set tags (e.g. the audit's verdict) on the version registered from `model_dir`:
+    the one tagged with its provenance.json's hash. Returns that version, or None (and
+    says why) when no version of `name` was registered from this folder."""
     import mlflow
     from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
-    version = client.get_model_version_by_alias(name, RELEASED_ALIAS)
+    provenance = sha256_file(model_dir / "provenance.json")
+    found = client.search_model_versions(
+        f"name = '{name}' and tags.`{PROVENANCE_TAG}` = '{provenance}'"
+    )
+    if not found:
+        log.warning(
+            "not tagging: no version of %s was registered from %s (provenance sha256 "
+            "%s); `dvc repro -f release` registers it",
+            name,
+            model_dir,
+            provenance[:12],
+        )
+        return None
+    version = str(max(int(v.version) for v in found))
     for key, value in tags.items():
-        client.set_model_version_tag(name, version.version, key, value)
+        client.set_model_version_tag(name, version, key, value)
+    released = str(client.get_model_version_by_alias(name, RELEASED_ALIAS).version)
+    if released != version:
+        log.warning(
+            "tagged %s version %s (this folder); @%s is version %s",
+            name,
+            version,
+            RELEASED_ALIAS,
+            released,
+        )
+    return version

@@ -380,3 +380,40 @@ def test_stage_exits_nonzero_and_tags_the_release_version(
     assert json.loads(out.read_text())["ok"] is False
     version = MlflowClient().get_model_version_by_alias(release.name, "released")
     assert version.tags["audit.ok"] == "false"
+
+
+def test_the_verdict_goes_to_the_version_registered_from_this_folder(
+    pair: tuple[Path, Path], tmp_path: Path, monkeypatch
+) -> None:
+    # A folder restored to an earlier release (as DVC's run cache would) while
+    # @released names a later one: the verdict must not land on the later one.
+    from mlflow import MlflowClient
+
+    from stages import tracking
+    from stages.release import write_release
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    rel = tmp_path / "models" / "rel"
+    first = tracking.register_release(
+        "t", "rel", write_release(*pair, 0.3, rel), {}, {}, {}
+    )
+    kept = tmp_path / "kept"
+    shutil.copytree(rel, kept)
+    second = tracking.register_release(
+        "t", "rel", write_release(*pair, 0.4, rel), {}, {}, {}
+    )
+    assert first["provenance_sha256"] != second["provenance_sha256"]
+    shutil.rmtree(rel)
+    shutil.copytree(kept, rel)
+    argv = [str(rel), "--len", str(pair[0]), "--acc", str(pair[1])]
+    with pytest.raises(SystemExit) as exit_:
+        A.main([*argv, "--json", str(tmp_path / "audit.json")])
+    assert exit_.value.code == 0
+    client = MlflowClient()
+    assert (
+        client.get_model_version_by_alias("rel", "released").version
+        == second["version"]
+    )
+    tagged = client.get_model_version("rel", first["version"]).tags
+    assert abs(float(tagged["audit.inferred_w"]) - 0.3) < 1e-4
+    assert "audit.ok" not in client.get_model_version("rel", second["version"]).tags

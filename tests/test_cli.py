@@ -66,3 +66,22 @@ def test_ui_serves_the_store_on_loopback(tmp_path, monkeypatch):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_ui_on_a_port_in_use_fails_and_says_what_to_do(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["ui", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot serve on 127.0.0.1:{port}" in err and "--port" in err
+
+
+def test_recipe_switch_names_the_next_steps(tmp_path, capsys, monkeypatch):
+    params = tmp_path / "params.yaml"
+    monkeypatch.chdir(ROOT)
+    assert main(["recipe", "real", "--params", str(params)]) == 0
+    assert "next: mergesweep suites --out data/suites && mergesweep lock" in (
+        capsys.readouterr().out
+    )

@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +100,24 @@ def test_lock_pins_local_sources(tmp_path):
     out = fetch("len", Constituent(str(src_len), None), pins["len"], tmp_path / "o")
     assert out["resolved_revision"] == pins["len"].resolved
     assert pins["acc"].resolved != pins["len"].resolved
+
+
+def test_stage_ends_with_one_line_when_the_hub_is_offline(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    params = (root / "params.yaml").read_text()
+    params = params.replace("data/embedded/len", "hf://org/len-model")
+    (tmp_path / "params.yaml").write_text(params)
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.fetch", "len", "--out", "data/len"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: fetch@len: model org/len-model@main")
+    assert "HF_HUB_OFFLINE is set" in last
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "data/len").exists()

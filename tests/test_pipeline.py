@@ -119,6 +119,39 @@ def test_added_weight_evaluates_one_point(repo):
     assert [p["weight"] for p in results if not p["cached"]] == [0.35]
 
 
+def released(repo: Path):
+    """The version aliased `released`, and the provenance hash of the folder."""
+    from mlflow import MlflowClient
+
+    from stages.hashing import sha256_file
+
+    mlflow_runs(repo)  # points MLflow at the copy's store
+    name = yaml.safe_load((repo / "params.yaml").read_text())["release"]["name"]
+    version = MlflowClient().get_model_version_by_alias(name, "released")
+    return version, sha256_file(repo / "models" / name / "provenance.json")
+
+
+def test_the_released_version_is_the_folder_and_carries_its_audit(repo):
+    # The tests above changed results.json, so the release was registered again.
+    version, provenance = released(repo)
+    assert version.tags["mergesweep.provenance_sha256"] == provenance
+    assert version.tags["audit.ok"] == "true"
+    record = json.loads((repo / "reports/release.json").read_text())
+    assert str(record["version"]) == str(version.version)
+    assert record["provenance_sha256"] == provenance
+
+
+def test_a_release_weight_set_back_is_registered_and_audited_again(repo):
+    edit_params(repo, {"release.weight": 0.4})
+    assert {"release", "audit"} <= stages_run(repro(repo))
+    edit_params(repo, {"release.weight": 0.3})
+    # Run again, not restored from DVC's run cache: that would skip the registration.
+    assert {"release", "audit"} <= stages_run(repro(repo))
+    version, provenance = released(repo)
+    assert version.tags["mergesweep.provenance_sha256"] == provenance
+    assert abs(float(version.tags["audit.inferred_w"]) - 0.3) < 1e-4
+
+
 def test_exp_run_in_a_temp_workspace_logs_to_the_main_store(repo):
     before = len(mlflow_runs(repo))
     run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "s")
