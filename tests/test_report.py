@@ -115,3 +115,29 @@ def test_sweep_logs_a_parent_and_a_child_per_weight(tmp_path, store):
     child = children[children["params.weight"] == "0.5"].iloc[0]
     files = [f.path for f in mlflow.MlflowClient().list_artifacts(child["run_id"])]
     assert files == ["w0.50.jsonl"]
+
+
+def test_weight_labels_do_not_cover_each_other():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # The embedded sweep's crowded ends: w=0.9 and 1.0 are 0.1 tokens apart.
+    xy = [(29.0, 1.0), (28.8, 0.98), (28.5, 0.945), (28.3, 0.913), (28.1, 0.903)]
+    xy += [(12.0, 0.447), (9.1, 0.40), (8.1, 0.38), (8.0, 0.377)]
+    points = [
+        {"weight": i / 10, "mean_tokens": x, "accuracy": y}
+        for i, (x, y) in enumerate(xy)
+    ]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter(*zip(*xy, strict=True))
+    report.label_points(ax, points)
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in ax.texts]
+    assert [t.get_text() for t in ax.texts] == [f"{p['weight']:.2f}" for p in points]
+    for i, a in enumerate(boxes):
+        assert ax.get_window_extent().contains(a.x0, a.y0), ax.texts[i].get_text()
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), (ax.texts[i].get_text(), a, b)
+    plt.close(fig)
