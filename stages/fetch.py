@@ -53,6 +53,24 @@ def local_revision(files: dict[str, dict]) -> str:
     return "local:" + manifest_id(files)
 
 
+def constituent_record(
+    name: str,
+    source: str,
+    requested: str | None,
+    resolved: str,
+    files: dict[str, dict],
+) -> dict:
+    """A constituent's provenance.json (format in docs/design.md)."""
+    return {
+        "format": "mergesweep-constituent/1",
+        "name": name,
+        "source": source,
+        "requested_revision": requested,
+        "resolved_revision": resolved,
+        "files": files,
+    }
+
+
 def check_local_pin(name: str, c: Constituent, pin: Pin | None, current: str) -> None:
     if pin and pin.source == c.source and pin.resolved != current:
         raise FetchError(
@@ -111,14 +129,7 @@ def fetch(name: str, c: Constituent, pin: Pin | None, out: Path) -> dict:
             files = hub.download_snapshot(
                 hub_repo[0], resolved, tmp, repo_type=hub_repo[1]
             )
-        provenance = {
-            "format": "mergesweep-constituent/1",
-            "name": name,
-            "source": c.source,
-            "requested_revision": c.revision,
-            "resolved_revision": resolved,
-            "files": files,
-        }
+        provenance = constituent_record(name, c.source, c.revision, resolved, files)
         write_json(tmp / "provenance.json", provenance)
         if out.exists():
             shutil.rmtree(out)

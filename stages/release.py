@@ -32,7 +32,8 @@ from stages.checkpoint import (
     dtype_from_name,
     dtype_name,
 )
-from stages.hashing import manifest, manifest_id, sha256_file, write_json
+from stages.fetch import constituent_record, local_revision
+from stages.hashing import manifest, sha256_file, write_json
 from stages.merging import (
     LM_HEAD,
     NAMES,
@@ -67,14 +68,7 @@ def constituent_provenance(name: str, folder: Path) -> dict:
                 )
         return prov
     files = manifest(folder, exclude=("provenance.json",))
-    return {
-        "format": "mergesweep-constituent/1",
-        "name": name,
-        "source": str(folder),
-        "requested_revision": None,
-        "resolved_revision": "local:" + manifest_id(files),
-        "files": files,
-    }
+    return constituent_record(name, str(folder), None, local_revision(files), files)
 
 
 def _set_json_value(raw: str, key: str, value: object, expected: dict) -> str:

@@ -400,15 +400,15 @@ def load_generation_config(donor: Path) -> GenerationConfig:
     A generation_config.json that does not parse is an error here; from_pretrained
     would quietly fall back to config.json.
     """
-    path = donor / GENERATION_CONFIG
+    own = (donor / GENERATION_CONFIG).is_file()
     try:
-        if path.is_file():
+        if own:
             return GenerationConfig.from_pretrained(donor)
         return GenerationConfig.from_pretrained(
             donor, config_file_name="config.json", _from_model_config=True
         )
     except (OSError, ValueError) as e:
-        file = path if path.is_file() else donor / "config.json"
+        file = donor / (GENERATION_CONFIG if own else "config.json")
         raise SweepError(f"{file}: not a valid generation config ({e})") from None
 
 
@@ -494,7 +494,7 @@ def load_tasks(params: Params) -> dict[str, Any]:
 
 def summarize(samples: list[dict]) -> dict[str, Any]:
     n = len(samples)
-    tokens = sorted(s["tokens"] for s in samples)
+    tokens = [s["tokens"] for s in samples]
     # Sums of counts are exact, so each mean is the correctly rounded quotient.
     return {
         "accuracy": sum(s["correct"] for s in samples) / n,

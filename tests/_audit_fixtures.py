@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stages.checkpoint import qwen2_shapes, read_header, save_checkpoint
-from stages.hashing import manifest, manifest_id, write_json
+from stages.fetch import constituent_record, local_revision
+from stages.hashing import manifest, write_json
 from stages.merging import linear_merge
 
 HIDDEN, LAYERS, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 128, 2, 256, 4, 2, 1024
@@ -74,17 +75,8 @@ def write_constituent(
     (folder / "generation_config.json").write_text('{"eos_token_id": 1}\n')
     (folder / "tokenizer_config.json").write_text('{"model_max_length": 512}\n')
     files = manifest(folder)
-    write_json(
-        folder / "provenance.json",
-        {
-            "format": "mergesweep-constituent/1",
-            "name": name,
-            "source": str(folder),
-            "requested_revision": None,
-            "resolved_revision": "local:" + manifest_id(files),
-            "files": files,
-        },
-    )
+    record = constituent_record(name, str(folder), None, local_revision(files), files)
+    write_json(folder / "provenance.json", record)
     return folder
 
 
